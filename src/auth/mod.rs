@@ -1,0 +1,181 @@
+//! Authentication at the edge: where the token is, whether its signature holds against the JWKS, what its claims
+//! allow, and whether the browser's Origin may connect.
+//!
+//! - [`source`]: the token sources in their order, and stripping them from what goes upstream;
+//! - [`jwt`]: bounds, header policy, ring signature check, then claims;
+//! - [`jwks`]: the key cache, its refresh and the rate-limited refetch on an unknown `kid`;
+//! - [`origin`]: the Origin policy.
+
+pub mod jwks;
+pub mod jwt;
+pub mod origin;
+pub mod source;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A JWS algorithm the gateway verifies. HS* and `none` do not exist here, by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum Algorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    RS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    RS384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    RS512,
+    /// RSASSA-PSS with SHA-256.
+    PS256,
+    /// RSASSA-PSS with SHA-384.
+    PS384,
+    /// RSASSA-PSS with SHA-512.
+    PS512,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+    /// ECDSA P-384 with SHA-384.
+    ES384,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl Algorithm {
+    /// The JOSE name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::RS256 => "RS256",
+            Algorithm::RS384 => "RS384",
+            Algorithm::RS512 => "RS512",
+            Algorithm::PS256 => "PS256",
+            Algorithm::PS384 => "PS384",
+            Algorithm::PS512 => "PS512",
+            Algorithm::ES256 => "ES256",
+            Algorithm::ES384 => "ES384",
+            Algorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.trim() {
+            "RS256" => Algorithm::RS256,
+            "RS384" => Algorithm::RS384,
+            "RS512" => Algorithm::RS512,
+            "PS256" => Algorithm::PS256,
+            "PS384" => Algorithm::PS384,
+            "PS512" => Algorithm::PS512,
+            "ES256" => Algorithm::ES256,
+            "ES384" => Algorithm::ES384,
+            "EdDSA" => Algorithm::EdDSA,
+            other if other.starts_with("HS") || other.eq_ignore_ascii_case("none") => {
+                return Err(format!("`{other}` is never accepted (symmetric or unsigned tokens)"))
+            }
+            other => return Err(format!("unsupported algorithm `{other}`")),
+        })
+    }
+}
+
+/// Why a request failed authentication. `Display` never contains the token or a claim value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in any source.
+    #[error("no token")]
+    Missing,
+    /// Too large, not three base64url segments, or not JSON.
+    #[error("malformed token")]
+    Malformed,
+    /// `alg` not allowed (HS*, none, or not configured).
+    #[error("algorithm not allowed")]
+    Algorithm,
+    /// A header the gateway refuses: jku, x5u, jwk, x5c, or crit.
+    #[error("forbidden header parameter")]
+    ForbiddenHeader,
+    /// No key with this `kid`, even after a refetch.
+    #[error("unknown signing key")]
+    UnknownKey,
+    /// The key's type, curve, alg or use does not fit the token's alg.
+    #[error("key does not fit algorithm")]
+    KeyMismatch,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    Signature,
+    /// `exp` missing.
+    #[error("missing exp")]
+    MissingExp,
+    /// `exp` passed.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// `iat` in the future.
+    #[error("token issued in the future")]
+    IssuedInFuture,
+    /// `iss` missing or different.
+    #[error("wrong issuer")]
+    Issuer,
+    /// `aud` missing or without an accepted value.
+    #[error("wrong audience")]
+    Audience,
+    /// No keys loaded yet (IdP not reached since start).
+    #[error("signing keys not loaded yet")]
+    NoKeys,
+}
+
+impl AuthError {
+    /// Bounded label for logs and `ws_auth_failures_total{reason}`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Malformed => "malformed",
+            AuthError::Algorithm => "algorithm",
+            AuthError::ForbiddenHeader => "forbidden_header",
+            AuthError::UnknownKey => "unknown_kid",
+            AuthError::KeyMismatch => "key_mismatch",
+            AuthError::Signature => "bad_signature",
+            AuthError::MissingExp => "missing_exp",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::IssuedInFuture => "issued_in_future",
+            AuthError::Issuer => "issuer",
+            AuthError::Audience => "audience",
+            AuthError::NoKeys => "no_keys",
+        }
+    }
+
+    /// The HTTP answer: 401 with a `WWW-Authenticate` challenge, or 503 before any keys are loaded.
+    #[must_use]
+    pub fn response(&self) -> crate::upgrade::Response {
+        use crate::upgrade::Response;
+        match self {
+            AuthError::NoKeys => Response::new(503, "authentication unavailable: signing keys not loaded yet")
+                .header("Retry-After", "5"),
+            other => Response::new(401, format!("unauthorized: {other}")).header(
+                "WWW-Authenticate",
+                format!("Bearer error=\"invalid_token\", error_description=\"{other}\""),
+            ),
+        }
+    }
+}
+
+/// The claims of a verified token that the gateway uses.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `sub`, if present.
+    pub subject: Option<String>,
+    /// `jti`, if present.
+    pub token_id: Option<String>,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: i64,
+    /// Values of the configured forwarded claims, as `(header, value)`.
+    pub forwarded: Vec<(String, String)>,
+}

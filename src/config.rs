@@ -1,0 +1,697 @@
+//! Typed, validated configuration: flags > environment > TOML file > defaults.
+//!
+//! One struct, [`Settings`], is both the clap parser (flags and environment) and the serde shape of the file, so a
+//! setting cannot exist in one place and be missing from the other. Every field is an `Option`; [`Settings::merge`]
+//! layers flags and environment over the file, and [`Settings::resolve`] applies defaults and validates everything
+//! into a [`Config`]. Errors name the setting by its environment name and its flag.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser};
+use serde::Deserialize;
+
+use crate::auth::origin::OriginPolicy;
+use crate::auth::Algorithm;
+use crate::proxy_protocol::Cidr;
+use crate::net::WsUrl;
+use crate::route::RouteTable;
+
+/// A configuration problem, naming the setting it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    /// The setting, as `ENV_NAME (--flag)`, or the config file.
+    pub setting: String,
+    /// What is wrong, never including a secret value.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(setting: &str, message: impl Into<String>) -> Self {
+        ConfigError { setting: setting.to_owned(), message: message.into() }
+    }
+}
+
+/// A comma-separated list, given as one string (flags, environment) or as a TOML array.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommaList(pub Vec<String>);
+
+impl FromStr for CommaList {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(CommaList(s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()))
+    }
+}
+
+impl<'de> Deserialize<'de> for CommaList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::One(s) => s.parse().unwrap_or_default(),
+            Either::Many(v) => CommaList(v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()),
+        })
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line, for EFK stacks.
+    #[default]
+    Json,
+    /// Human-readable lines for a terminal.
+    Text,
+}
+
+/// Every setting, as flags and environment variables (clap) and as TOML keys (serde).
+///
+/// Flag names are the kebab-case of the environment names and file keys their snake_case; the few historical
+/// short forms (`--listen`, `--tls-cert`) are the primary flags, with the long forms as aliases.
+#[derive(Debug, Default, Clone, Parser, Deserialize)]
+#[command(name = "ws-gateway", version, about = "A TLS edge for WebSocket traffic: JWT at the upgrade, Origin policy, raw relay.")]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML configuration file.
+    #[arg(long = "config", env = "WS_GATEWAY_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Validate every setting (files, certificates, URLs, routes) and exit 0, or 1 naming the bad setting.
+    #[arg(long = "check-config", action = ArgAction::SetTrue)]
+    #[serde(skip)]
+    pub check_config: bool,
+
+    /// Insecure one-command demo: in-memory certificate, dev signing key and token, echo upstream, loopback only.
+    #[arg(long = "dev", action = ArgAction::SetTrue)]
+    #[serde(skip)]
+    pub dev: bool,
+
+    /// Address of the WebSocket listener.
+    #[arg(long = "listen", visible_alias = "listen-addr", env = "LISTEN_ADDR", value_name = "ADDR")]
+    #[serde(alias = "listen")]
+    pub listen_addr: Option<SocketAddr>,
+
+    /// Address of the admin listener (/healthz, /readyz, /metrics).
+    #[arg(long = "admin-listen", visible_alias = "admin-listen-addr", env = "ADMIN_LISTEN_ADDR", value_name = "ADDR")]
+    #[serde(alias = "admin_listen")]
+    pub admin_listen_addr: Option<SocketAddr>,
+
+    /// PEM certificate chain; with --tls-key the gateway terminates TLS, without both it serves plain HTTP.
+    #[arg(long = "tls-cert", visible_alias = "tls-cert-file", env = "TLS_CERT_FILE", value_name = "FILE")]
+    #[serde(alias = "tls_cert")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long = "tls-key", visible_alias = "tls-key-file", env = "TLS_KEY_FILE", value_name = "FILE")]
+    #[serde(alias = "tls_key")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Fallback upstream (ws:// or wss://) for paths no route matches.
+    #[arg(long, env = "UPSTREAM_WS_URL", value_name = "URL")]
+    pub upstream_ws_url: Option<String>,
+
+    /// routes.yaml in the Go gateway's format: a list of {prefix, upstream, copySubProtocol, preserveQuery}.
+    #[arg(long, env = "ROUTE_FILE", value_name = "FILE")]
+    pub route_file: Option<PathBuf>,
+
+    /// Extra PEM CA certificates trusted for wss:// upstreams, besides the webpki roots.
+    #[arg(long, env = "UPSTREAM_CA_FILE", value_name = "FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+
+    /// Time allowed to connect to the upstream and receive its 101.
+    #[arg(long, env = "UPSTREAM_DIAL_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub upstream_dial_timeout_seconds: Option<u64>,
+
+    /// A session with no bytes moving either way for this long is closed.
+    #[arg(long, env = "WS_IDLE_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub ws_idle_timeout_seconds: Option<u64>,
+
+    /// A peer that accepts no bytes for this long while the gateway writes to it is cut off.
+    #[arg(long, env = "WS_WRITE_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub ws_write_timeout_seconds: Option<u64>,
+
+    /// Time allowed for the TLS handshake plus the request head.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub handshake_timeout_seconds: Option<u64>,
+
+    /// Connections held at once; further clients wait in the listen backlog.
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest request head accepted (431 beyond).
+    #[arg(long, env = "MAX_REQUEST_HEAD_BYTES", value_name = "BYTES")]
+    pub max_request_head_bytes: Option<usize>,
+
+    /// On SIGTERM, how long open sessions may carry on before they receive Close 1001.
+    #[arg(long, env = "GRACEFUL_DRAIN_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub graceful_drain_timeout_seconds: Option<u64>,
+
+    /// Where the identity provider publishes its signing keys (http:// or https://).
+    #[arg(long, env = "JWKS_URL", value_name = "URL")]
+    pub jwks_url: Option<String>,
+
+    /// How often the JWKS is refreshed in the background.
+    #[arg(long, env = "JWKS_TTL_MINUTES", value_name = "MINUTES")]
+    pub jwks_ttl_minutes: Option<u64>,
+
+    /// Least time between two fetches caused by tokens with an unknown `kid`.
+    #[arg(long, env = "JWKS_REFETCH_INTERVAL_SECONDS", value_name = "SECONDS")]
+    pub jwks_refetch_interval_seconds: Option<u64>,
+
+    /// Time allowed for one JWKS fetch.
+    #[arg(long, env = "JWKS_FETCH_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub jwks_fetch_timeout_seconds: Option<u64>,
+
+    /// Extra PEM CA certificates trusted for an https:// JWKS_URL.
+    #[arg(long, env = "JWKS_CA_FILE", value_name = "FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "JWT_EXPECTED_ISSUER", value_name = "ISS")]
+    pub jwt_expected_issuer: Option<String>,
+
+    /// Accepted audiences (comma list); the token's `aud` must contain one of them.
+    #[arg(long, env = "JWT_EXPECTED_AUDIENCE", value_name = "AUD,...")]
+    pub jwt_expected_audience: Option<CommaList>,
+
+    /// Accepted signature algorithms (comma list of RS256/384/512, PS256/384/512, ES256/384, EdDSA).
+    #[arg(long, env = "JWT_VALID_ALGORITHMS", value_name = "ALG,...")]
+    pub jwt_valid_algorithms: Option<CommaList>,
+
+    /// Clock-skew allowance for exp, nbf and iat.
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", value_name = "SECONDS")]
+    pub jwt_leeway_seconds: Option<u64>,
+
+    /// Largest token accepted, in bytes.
+    #[arg(long, env = "JWT_MAX_TOKEN_BYTES", value_name = "BYTES")]
+    pub jwt_max_token_bytes: Option<usize>,
+
+    /// Cookie that carries the token.
+    #[arg(long, env = "JWT_COOKIE_NAME", value_name = "NAME")]
+    pub jwt_cookie_name: Option<String>,
+
+    /// Query parameter that carries the token.
+    #[arg(long, env = "JWT_QUERY_PARAM", value_name = "NAME")]
+    pub jwt_query_param: Option<String>,
+
+    /// Claims forwarded upstream as headers, as `claim=Header-Name` pairs (comma list).
+    #[arg(long, env = "JWT_FORWARD_CLAIMS", value_name = "CLAIM=HEADER,...")]
+    pub jwt_forward_claims: Option<CommaList>,
+
+    /// Allowed browser Origins (comma list): exact origins, `https://*.example.com`, or `*` for any.
+    #[arg(long, env = "WS_ALLOWED_ORIGINS", value_name = "ORIGIN,...")]
+    pub ws_allowed_origins: Option<CommaList>,
+
+    /// Refuse upgrades that carry no Origin header.
+    #[arg(long, env = "WS_REQUIRE_ORIGIN", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ws_require_origin: Option<bool>,
+
+    /// Accept the JWT as the MQTT CONNECT password when the upgrade carries none and offers `mqtt`.
+    #[arg(long, env = "MQTT_CONNECT_AUTH", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub mqtt_connect_auth: Option<bool>,
+
+    /// Expect a PROXY protocol v1 or v2 header from trusted peers.
+    #[arg(long, env = "PROXY_PROTOCOL", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub proxy_protocol: Option<bool>,
+
+    /// Peers (comma list of CIDRs) whose PROXY protocol header is believed.
+    #[arg(long, env = "PROXY_PROTOCOL_TRUSTED_CIDRS", value_name = "CIDR,...")]
+    pub proxy_protocol_trusted_cidrs: Option<CommaList>,
+
+    /// Redis, for shared revocation and limits (reserved; validated, not used yet).
+    #[arg(long, env = "REDIS_URL", value_name = "URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Postgres, the durable session record (reserved; validated, not used yet).
+    #[arg(long, env = "POSTGRES_DSN", value_name = "DSN", hide_env_values = true)]
+    pub postgres_dsn: Option<String>,
+
+    /// Log output: json (one object per line) or text.
+    #[arg(long, env = "LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! layer {
+    ($top:ident, $bottom:ident; $($field:ident),* $(,)?) => {
+        $( if $top.$field.is_none() { $top.$field = $bottom.$field; } )*
+    };
+}
+
+impl Settings {
+    /// Reads the TOML file named by `--config` / `WS_GATEWAY_CONFIG`, if any, and layers flags and environment
+    /// over it.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not TOML, has an unknown key or a value of the wrong type.
+    pub fn with_file(self) -> Result<Settings, ConfigError> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let file = Settings::from_file(&path)?;
+        Ok(self.merge(file))
+    }
+
+    /// Parses a TOML configuration file.
+    ///
+    /// # Errors
+    /// As for [`Settings::with_file`].
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let setting = format!("config file {}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&setting, e.to_string()))?;
+        toml::from_str(&text).map_err(|e| ConfigError::new(&setting, e.to_string().trim_end().to_owned()))
+    }
+
+    /// `self` (flags and environment) wins over `file` field by field.
+    #[must_use]
+    pub fn merge(mut self, file: Settings) -> Settings {
+        layer!(self, file;
+            listen_addr, admin_listen_addr, tls_cert_file, tls_key_file, upstream_ws_url, route_file,
+            upstream_ca_file, upstream_dial_timeout_seconds, ws_idle_timeout_seconds, ws_write_timeout_seconds,
+            handshake_timeout_seconds, max_connections, max_request_head_bytes, graceful_drain_timeout_seconds,
+            jwks_url, jwks_ttl_minutes, jwks_refetch_interval_seconds, jwks_fetch_timeout_seconds, jwks_ca_file,
+            jwt_expected_issuer, jwt_expected_audience, jwt_valid_algorithms, jwt_leeway_seconds,
+            jwt_max_token_bytes, jwt_cookie_name, jwt_query_param, jwt_forward_claims, ws_allowed_origins,
+            ws_require_origin, mqtt_connect_auth, proxy_protocol, proxy_protocol_trusted_cidrs, redis_url,
+            postgres_dsn, log_format,
+        );
+        self
+    }
+
+    /// Applies defaults and checks every setting, reading the files they name.
+    ///
+    /// # Errors
+    /// The first invalid setting, by name.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let tls = match (self.tls_cert_file, self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                crate::tls::load_certified_key(&cert, &key).map_err(|e| ConfigError::new(e.setting(), e.to_string()))?;
+                Some(TlsFiles { cert, key })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "TLS_KEY_FILE (--tls-key)",
+                    "TLS_CERT_FILE is set but TLS_KEY_FILE is not; set both for TLS or neither for plain HTTP",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "TLS_CERT_FILE (--tls-cert)",
+                    "TLS_KEY_FILE is set but TLS_CERT_FILE is not; set both for TLS or neither for plain HTTP",
+                ))
+            }
+        };
+
+        let fallback = self
+            .upstream_ws_url
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|u| WsUrl::parse_ws(u).map_err(|e| ConfigError::new("UPSTREAM_WS_URL (--upstream-ws-url)", e)))
+            .transpose()?;
+        let routes = match &self.route_file {
+            Some(path) => RouteTable::from_file(path, fallback)
+                .map_err(|e| ConfigError::new("ROUTE_FILE (--route-file)", e.to_string()))?,
+            None => RouteTable::new(Vec::new(), fallback),
+        };
+        if routes.is_empty() && !self.dev {
+            return Err(ConfigError::new(
+                "UPSTREAM_WS_URL (--upstream-ws-url)",
+                "no upstream: set UPSTREAM_WS_URL or ROUTE_FILE",
+            ));
+        }
+        if let Some(ca) = &self.upstream_ca_file {
+            crate::tls::load_ca_file(ca).map_err(|e| ConfigError::new("UPSTREAM_CA_FILE (--upstream-ca-file)", e))?;
+        }
+        if let Some(ca) = &self.jwks_ca_file {
+            crate::tls::load_ca_file(ca).map_err(|e| ConfigError::new("JWKS_CA_FILE (--jwks-ca-file)", e))?;
+        }
+
+        let jwks_url = match self.jwks_url.as_deref().filter(|s| !s.is_empty()) {
+            Some(u) => Some(crate::net::Url::parse_http(u).map_err(|e| ConfigError::new("JWKS_URL (--jwks-url)", e))?),
+            None if self.dev => None,
+            None => {
+                return Err(ConfigError::new(
+                    "JWKS_URL (--jwks-url)",
+                    "required: every upgrade is authenticated against the identity provider's JWKS",
+                ))
+            }
+        };
+
+        let algorithms = match self.jwt_valid_algorithms {
+            Some(list) if !list.0.is_empty() => list
+                .0
+                .iter()
+                .map(|a| a.parse::<Algorithm>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ConfigError::new("JWT_VALID_ALGORITHMS (--jwt-valid-algorithms)", e))?,
+            _ => vec![Algorithm::RS256],
+        };
+
+        let forward_claims = self
+            .jwt_forward_claims
+            .unwrap_or_default()
+            .0
+            .iter()
+            .map(|pair| parse_claim_header(pair))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("JWT_FORWARD_CLAIMS (--jwt-forward-claims)", e))?;
+
+        let origins = OriginPolicy::parse(&self.ws_allowed_origins.unwrap_or_default().0)
+            .map_err(|e| ConfigError::new("WS_ALLOWED_ORIGINS (--ws-allowed-origins)", e))?;
+
+        let cookie_name = self.jwt_cookie_name.unwrap_or_else(|| "session".to_owned());
+        if !is_token(&cookie_name) {
+            return Err(ConfigError::new("JWT_COOKIE_NAME (--jwt-cookie-name)", "not a valid cookie name"));
+        }
+        let query_param = self.jwt_query_param.unwrap_or_else(|| "access_token".to_owned());
+        if query_param.is_empty() || query_param.contains(['&', '=', '#', ' ']) {
+            return Err(ConfigError::new("JWT_QUERY_PARAM (--jwt-query-param)", "not a valid query parameter name"));
+        }
+
+        let trusted_proxies = self
+            .proxy_protocol_trusted_cidrs
+            .unwrap_or_default()
+            .0
+            .iter()
+            .map(|c| c.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("PROXY_PROTOCOL_TRUSTED_CIDRS (--proxy-protocol-trusted-cidrs)", e))?;
+        let proxy_protocol = self.proxy_protocol.unwrap_or(false);
+        if proxy_protocol && trusted_proxies.is_empty() {
+            return Err(ConfigError::new(
+                "PROXY_PROTOCOL_TRUSTED_CIDRS (--proxy-protocol-trusted-cidrs)",
+                "PROXY_PROTOCOL is on: list the proxies (CIDRs) whose headers are believed",
+            ));
+        }
+
+        if let Some(url) = self.redis_url.as_deref().filter(|s| !s.is_empty()) {
+            check_scheme(url, &["redis", "rediss"]).map_err(|e| ConfigError::new("REDIS_URL (--redis-url)", e))?;
+        }
+        if let Some(dsn) = self.postgres_dsn.as_deref().filter(|s| !s.is_empty()) {
+            if !dsn.contains('=') {
+                check_scheme(dsn, &["postgres", "postgresql"])
+                    .map_err(|e| ConfigError::new("POSTGRES_DSN (--postgres-dsn)", e))?;
+            }
+        }
+
+        let seconds = |v: Option<u64>, default: u64, setting: &str| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(ConfigError::new(setting, "must be at least 1")),
+                s => Ok(Duration::from_secs(s)),
+            }
+        };
+        let max_connections = self.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(ConfigError::new("MAX_CONNECTIONS (--max-connections)", "must be at least 1"));
+        }
+        let max_head = self.max_request_head_bytes.unwrap_or(16 * 1024);
+        if !(1024..=1024 * 1024).contains(&max_head) {
+            return Err(ConfigError::new(
+                "MAX_REQUEST_HEAD_BYTES (--max-request-head-bytes)",
+                "must be between 1024 and 1048576",
+            ));
+        }
+        let max_token = self.jwt_max_token_bytes.unwrap_or(8 * 1024);
+        if !(256..=64 * 1024).contains(&max_token) {
+            return Err(ConfigError::new("JWT_MAX_TOKEN_BYTES (--jwt-max-token-bytes)", "must be between 256 and 65536"));
+        }
+
+        let default_listen = if self.dev { "127.0.0.1:8443" } else { "0.0.0.0:8080" };
+        let default_admin = if self.dev { "127.0.0.1:9090" } else { "127.0.0.1:9090" };
+        let listen = self.listen_addr.unwrap_or_else(|| parse_addr(default_listen));
+        let admin_listen = self.admin_listen_addr.unwrap_or_else(|| parse_addr(default_admin));
+        if self.dev && !(listen.ip().is_loopback() && admin_listen.ip().is_loopback()) {
+            return Err(ConfigError::new("LISTEN_ADDR (--listen)", "--dev listens on loopback addresses only"));
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            tls,
+            routes,
+            upstream_ca_file: self.upstream_ca_file,
+            timeouts: Timeouts {
+                dial: seconds(self.upstream_dial_timeout_seconds, 5, "UPSTREAM_DIAL_TIMEOUT_SECONDS")?,
+                idle: seconds(self.ws_idle_timeout_seconds, 60, "WS_IDLE_TIMEOUT_SECONDS (--ws-idle-timeout-seconds)")?,
+                write: seconds(
+                    self.ws_write_timeout_seconds,
+                    10,
+                    "WS_WRITE_TIMEOUT_SECONDS (--ws-write-timeout-seconds)",
+                )?,
+                handshake: seconds(self.handshake_timeout_seconds, 10, "HANDSHAKE_TIMEOUT_SECONDS")?,
+                drain: Duration::from_secs(self.graceful_drain_timeout_seconds.unwrap_or(30)),
+            },
+            max_connections,
+            max_request_head_bytes: max_head,
+            auth: AuthSettings {
+                jwks_url,
+                jwks_ttl: Duration::from_secs(60 * self.jwks_ttl_minutes.unwrap_or(10).max(1)),
+                jwks_refetch_interval: Duration::from_secs(self.jwks_refetch_interval_seconds.unwrap_or(10)),
+                jwks_fetch_timeout: seconds(self.jwks_fetch_timeout_seconds, 5, "JWKS_FETCH_TIMEOUT_SECONDS")?,
+                jwks_ca_file: self.jwks_ca_file,
+                issuer: self.jwt_expected_issuer.filter(|s| !s.is_empty()),
+                audiences: self.jwt_expected_audience.unwrap_or_default().0,
+                algorithms,
+                leeway: Duration::from_secs(self.jwt_leeway_seconds.unwrap_or(30)),
+                max_token_bytes: max_token,
+                cookie_name,
+                query_param,
+                forward_claims,
+                origins,
+                require_origin: self.ws_require_origin.unwrap_or(false),
+                mqtt_connect_auth: self.mqtt_connect_auth.unwrap_or(true),
+            },
+            proxy_protocol,
+            trusted_proxies,
+            redis_url: self.redis_url.filter(|s| !s.is_empty()),
+            postgres_dsn: self.postgres_dsn.filter(|s| !s.is_empty()),
+            log_format: self.log_format.unwrap_or_default(),
+            dev: self.dev,
+        })
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    // Invariant: only called with the literal defaults above, which are valid socket addresses.
+    s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+fn check_scheme(url: &str, schemes: &[&str]) -> Result<(), String> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme {
+        Some(s) if schemes.contains(&s.as_str()) => Ok(()),
+        _ => Err(format!("expected a URL starting with {}://", schemes.join(":// or "))),
+    }
+}
+
+/// RFC 9110 token characters, used for cookie and header names.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn parse_claim_header(pair: &str) -> Result<(String, String), String> {
+    let (claim, header) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not claim=Header-Name"))?;
+    let (claim, header) = (claim.trim(), header.trim());
+    if claim.is_empty() || !is_token(header) {
+        return Err(format!("`{pair}` is not claim=Header-Name"));
+    }
+    Ok((claim.to_owned(), header.to_owned()))
+}
+
+/// The certificate and key files of the TLS listener.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Every time limit the gateway enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect, TLS and the upstream's 101.
+    pub dial: Duration,
+    /// No bytes either way.
+    pub idle: Duration,
+    /// A peer that stops reading.
+    pub write: Duration,
+    /// TLS handshake plus request head.
+    pub handshake: Duration,
+    /// Graceful drain on SIGTERM.
+    pub drain: Duration,
+}
+
+/// Authentication and Origin settings.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// The JWKS endpoint; `None` only in `--dev`, where the gateway serves its own.
+    pub jwks_url: Option<crate::net::HttpUrl>,
+    /// Background refresh period.
+    pub jwks_ttl: Duration,
+    /// Least time between unknown-`kid` refetches.
+    pub jwks_refetch_interval: Duration,
+    /// Time allowed for one fetch.
+    pub jwks_fetch_timeout: Duration,
+    /// Extra CA for an https JWKS.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Accepted `aud` values; empty means any.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms.
+    pub algorithms: Vec<Algorithm>,
+    /// Clock-skew allowance.
+    pub leeway: Duration,
+    /// Largest token accepted.
+    pub max_token_bytes: usize,
+    /// Cookie carrying the token.
+    pub cookie_name: String,
+    /// Query parameter carrying the token.
+    pub query_param: String,
+    /// `(claim, header)` pairs forwarded upstream.
+    pub forward_claims: Vec<(String, String)>,
+    /// Allowed Origins.
+    pub origins: OriginPolicy,
+    /// Refuse upgrades without Origin.
+    pub require_origin: bool,
+    /// Token in the MQTT CONNECT password.
+    pub mqtt_connect_auth: bool,
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// WebSocket listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// TLS files, or `None` for plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Path prefix to upstream.
+    pub routes: RouteTable,
+    /// Extra CA for wss upstreams.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Time limits.
+    pub timeouts: Timeouts,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Request head size limit.
+    pub max_request_head_bytes: usize,
+    /// Authentication.
+    pub auth: AuthSettings,
+    /// Expect PROXY protocol headers.
+    pub proxy_protocol: bool,
+    /// Peers whose PROXY headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Reserved for revocation.
+    pub redis_url: Option<String>,
+    /// Reserved for revocation.
+    pub postgres_dsn: Option<String>,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Insecure demo mode.
+    pub dev: bool,
+}
+
+impl fmt::Display for Config {
+    /// A one-line summary for the startup log; names no secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "listen={} admin={} tls={} routes={} max_connections={}",
+            self.listen,
+            self.admin_listen,
+            self.tls.is_some(),
+            self.routes.len(),
+            self.max_connections
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Settings {
+        let mut full = vec!["ws-gateway"];
+        full.extend_from_slice(args);
+        Settings::try_parse_from(full).expect("flags parse")
+    }
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let flags = parse(&["--ws-idle-timeout-seconds", "7", "--jwks-url", "http://127.0.0.1:1/jwks"]);
+        let file: Settings = toml::from_str(
+            "ws_idle_timeout_seconds = 99\nws_write_timeout_seconds = 3\nupstream_ws_url = \"ws://127.0.0.1:9/\"",
+        )
+        .expect("toml");
+        let config = flags.merge(file).resolve().expect("valid");
+        assert_eq!(config.timeouts.idle, Duration::from_secs(7));
+        assert_eq!(config.timeouts.write, Duration::from_secs(3));
+        assert_eq!(config.timeouts.handshake, Duration::from_secs(10));
+        assert_eq!(config.auth.cookie_name, "session");
+        assert_eq!(config.auth.algorithms, vec![Algorithm::RS256]);
+    }
+
+    #[test]
+    fn unknown_file_key_is_named() {
+        let err = toml::from_str::<Settings>("ws_idle_timeout = 5").expect_err("unknown key");
+        assert!(err.to_string().contains("ws_idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn bad_file_value_is_named() {
+        let err = toml::from_str::<Settings>("ws_idle_timeout_seconds = \"soon\"").expect_err("bad type");
+        assert!(err.to_string().contains("ws_idle_timeout_seconds"), "{err}");
+    }
+
+    #[test]
+    fn only_one_tls_file_is_an_error() {
+        let err = parse(&["--tls-cert", "/x.pem", "--upstream-ws-url", "ws://a/", "--jwks-url", "http://a/"])
+            .resolve()
+            .expect_err("one file");
+        assert!(err.setting.contains("TLS_KEY_FILE"), "{err}");
+    }
+
+    #[test]
+    fn missing_jwks_url_is_an_error() {
+        let err = parse(&["--upstream-ws-url", "ws://a/"]).resolve().expect_err("no jwks");
+        assert!(err.setting.contains("JWKS_URL"), "{err}");
+    }
+
+    #[test]
+    fn comma_lists_from_string_or_array() {
+        let s: Settings = toml::from_str("ws_allowed_origins = [\"https://a.example\", \" https://b.example \"]\n")
+            .expect("array");
+        assert_eq!(s.ws_allowed_origins.expect("set").0, vec!["https://a.example", "https://b.example"]);
+        let s: Settings = toml::from_str("jwt_expected_audience = \"a, b,,c\"\n").expect("string");
+        assert_eq!(s.jwt_expected_audience.expect("set").0, vec!["a", "b", "c"]);
+    }
+
+    #[test]
+    fn hs256_is_refused_as_a_setting() {
+        let err = parse(&["--upstream-ws-url", "ws://a/", "--jwks-url", "http://a/", "--jwt-valid-algorithms", "HS256"])
+            .resolve()
+            .expect_err("hs256");
+        assert!(err.setting.contains("JWT_VALID_ALGORITHMS"), "{err}");
+    }
+
+    #[test]
+    fn boolish_flags() {
+        assert_eq!(parse(&["--ws-require-origin"]).ws_require_origin, Some(true));
+        assert_eq!(parse(&["--ws-require-origin", "false"]).ws_require_origin, Some(false));
+    }
+}

@@ -1,0 +1,192 @@
+//! ws-gateway: a TLS edge for WebSocket traffic. It authenticates every upgrade with a JWT verified against the
+//! identity provider's JWKS, enforces allowed Origins, and relays raw bytes to an MQTT-over-WebSocket broker or any
+//! WebSocket backend.
+//!
+//! # Layout
+//! In the order a connection meets it:
+//! - [`config`]: typed, validated configuration (flags > env > file > defaults);
+//! - [`server`]: the accept loop and the life of one connection;
+//! - [`proxy_protocol`]: PROXY v1/v2 from trusted load balancers;
+//! - [`tls`]: PEM loading, server and client TLS, certificate reload;
+//! - [`upgrade`]: the bounded request-head reader, upgrade checks, and HTTP answers;
+//! - [`route`]: path prefix to upstream (`routes.yaml`);
+//! - [`auth`]: token sources, JWT verification, JWKS cache, Origin policy;
+//! - [`upstream`]: the rewritten upgrade request, the dial, the 101 check;
+//! - [`relay`]: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
+//! - [`registry`]: live sessions by subject and token id, closable from outside;
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the handles;
+//! - [`shutdown`]: the drain phases and connection guards;
+//! - [`net`]: the stream type and URLs; [`logging`]: JSON or text logs; [`dev`]: `--dev` mode and the echo server.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod dev;
+pub mod frame;
+pub mod logging;
+pub mod metrics;
+pub mod net;
+pub mod proxy_protocol;
+pub mod registry;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod shutdown;
+pub mod tls;
+pub mod upgrade;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use config::{Config, Settings};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material or configuration.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// `--dev` setup.
+    #[error("dev mode: {0}")]
+    Dev(String),
+    /// Signal handlers.
+    #[error("signals: {0}")]
+    Signals(#[from] std::io::Error),
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Every session finished or was closed within the drain.
+    Drained,
+    /// Some sessions were still open when the close grace ran out.
+    DeadlinePassed,
+    /// A second signal cut the drain short.
+    Forced,
+}
+
+/// Runs the gateway on bound listeners until SIGTERM or SIGINT, then drains.
+///
+/// # Errors
+/// TLS material that does not load, `--dev` setup, or signal registration.
+pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) -> Result<Exit, StartError> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let drain = shutdown::Drain::new();
+    let admin_addr = admin.local_addr()?;
+    config.listen = listener.local_addr()?;
+    config.admin_listen = admin_addr;
+
+    let mut dev_setup = None;
+    if config.dev {
+        dev_setup = Some(dev::prepare(&mut config, admin_addr).await.map_err(StartError::Dev)?);
+    }
+    let cert = match (&config.tls, config.dev) {
+        (Some(files), _) => Some(tls::ReloadableCert::from_files(&files.cert, &files.key).map_err(|e| StartError::Tls(e.to_string()))?),
+        (None, true) => {
+            let (ck, pem) = tls::self_signed(&["localhost", "127.0.0.1"]).map_err(StartError::Dev)?;
+            let path = std::env::temp_dir().join(format!("ws-gateway-dev-{}.pem", std::process::id()));
+            std::fs::write(&path, pem).map_err(|e| StartError::Dev(e.to_string()))?;
+            if let Some(s) = dev_setup.as_mut() {
+                s.ca_file = Some(path);
+            }
+            Some(tls::ReloadableCert::fixed(ck))
+        }
+        (None, false) => None,
+    };
+    let acceptor = match &cert {
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(Arc::clone(c)).map_err(StartError::Tls)?)),
+        None => None,
+    };
+    let upstream_tls = tls::client_config(config.upstream_ca_file.as_deref()).map_err(StartError::Tls)?;
+    let jwks_tls = tls::client_config(config.auth.jwks_ca_file.as_deref()).map_err(StartError::Tls)?;
+    let Some(jwks_url) = config.auth.jwks_url.clone() else {
+        return Err(StartError::Dev("no JWKS_URL".into()));
+    };
+    let cache = Arc::new(auth::jwks::JwksCache::new(
+        jwks_url,
+        jwks_tls,
+        config.auth.jwks_fetch_timeout,
+        config.auth.jwks_ttl,
+        config.auth.jwks_refetch_interval,
+        Arc::clone(&metrics),
+    ));
+    let verifier = Arc::new(auth::jwt::Verifier::new(auth::jwt::Policy::from_settings(&config.auth), Arc::clone(&cache)));
+
+    if config.auth.origins.is_empty() {
+        tracing::warn!(event = "origins_unset", "WS_ALLOWED_ORIGINS is not set: every request that carries an Origin (all browsers) is refused");
+    }
+    if config.redis_url.is_some() || config.postgres_dsn.is_some() {
+        tracing::info!(event = "reserved_settings", "REDIS_URL / POSTGRES_DSN accepted; revocation is not implemented yet");
+    }
+
+    let gw = Arc::new(server::Gateway {
+        config: config.clone(),
+        tls: acceptor,
+        upstream_tls,
+        verifier,
+        metrics: Arc::clone(&metrics),
+        registry: Arc::new(registry::Registry::default()),
+        signal: drain.signal(),
+    });
+    let extras = Arc::new(admin::Extras { json: dev_setup.as_ref().and_then(|d| d.jwks.clone()).into_iter().collect() });
+    tokio::spawn(admin::serve(admin, Arc::clone(&gw), extras));
+    tokio::spawn(Arc::clone(&cache).run());
+    if let Some(cert) = &cert {
+        let m = Arc::clone(&metrics);
+        tokio::spawn(Arc::clone(cert).watch(Duration::from_secs(2), move |r| report_reload(&m, r, "file_change")));
+    }
+    tokio::spawn(server::serve(listener, Arc::clone(&gw), drain.guards()));
+
+    tracing::info!(event = "started", listen = %config.listen, admin = %config.admin_listen, tls = cert.is_some(),
+        routes = config.routes.len(), max_connections = config.max_connections, version = env!("CARGO_PKG_VERSION"), "ws-gateway started");
+    if let Some(setup) = &dev_setup {
+        eprintln!("{}", dev::banner(&config, setup));
+    }
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                if let Some(cert) = &cert {
+                    report_reload(&metrics, cert.reload(), "sighup");
+                }
+            }
+        }
+    }
+    metrics.draining.set(1);
+    tracing::info!(event = "drain_started", grace_seconds = config.timeouts.drain.as_secs(), sessions = gw.registry.len(),
+        "signal received: readiness is 503, listener closing, sessions draining");
+    let close_grace = config.timeouts.write.min(Duration::from_secs(5)) + Duration::from_secs(1);
+    let exit = tokio::select! {
+        done = drain.run(config.timeouts.drain, close_grace) => if done { Exit::Drained } else { Exit::DeadlinePassed },
+        _ = sigterm.recv() => Exit::Forced,
+        _ = sigint.recv() => Exit::Forced,
+    };
+    tracing::info!(event = "stopped", outcome = ?exit, sessions = gw.registry.len(), "ws-gateway stopped");
+    Ok(exit)
+}
+
+fn report_reload(metrics: &metrics::Metrics, result: Result<bool, tls::TlsError>, trigger: &'static str) {
+    match result {
+        Ok(true) => {
+            metrics.cert_reloads.get_or_create(&[("result", "ok")]).inc();
+            tracing::info!(event = "cert_reloaded", trigger, "certificate reloaded; new handshakes use it");
+        }
+        Ok(false) => {}
+        Err(error) => {
+            metrics.cert_reloads.get_or_create(&[("result", "error")]).inc();
+            tracing::error!(event = "cert_reload_failed", trigger, %error, "certificate reload failed; keeping the current certificate");
+        }
+    }
+}

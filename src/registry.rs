@@ -1,0 +1,159 @@
+//! The registry of live sessions, by subject and token id, and the handle that closes one session from outside
+//! its task (token revocation will use it; the admin API and Redis pub/sub come later).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+
+/// Why a session is being closed from outside; carried to the relay, which sends the matching Close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Short reason, sent in the Close frame and logged.
+    pub reason: &'static str,
+}
+
+/// The handle a session's relay watches.
+#[derive(Debug, Default)]
+pub struct SessionControl {
+    notify: Notify,
+    request: Mutex<Option<CloseRequest>>,
+}
+
+impl SessionControl {
+    /// Asks the session to close.
+    pub fn close(&self, request: CloseRequest) {
+        if let Ok(mut r) = self.request.lock() {
+            r.get_or_insert(request);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Resolves when a close is requested.
+    pub async fn requested(&self) -> CloseRequest {
+        loop {
+            if let Some(r) = self.request.lock().ok().and_then(|r| *r) {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// What the registry knows about one session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// `sub` of the token.
+    pub subject: Option<String>,
+    /// `jti` of the token.
+    pub token_id: Option<String>,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// When the relay started.
+    pub started: SystemTime,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: SessionInfo,
+    control: Arc<SessionControl>,
+}
+
+/// Live sessions. Touched at session start and end only, never on the relay's hot path.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next: AtomicU64,
+    sessions: Mutex<HashMap<u64, Entry>>,
+}
+
+/// Removes its session from the registry when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    id: u64,
+    registry: Arc<Registry>,
+    /// The session's close handle.
+    pub control: Arc<SessionControl>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.registry.sessions.lock() {
+            s.remove(&self.id);
+        }
+    }
+}
+
+impl Registry {
+    /// Adds a session; it leaves when the returned [`Registration`] drops.
+    #[must_use]
+    pub fn register(self: &Arc<Self>, info: SessionInfo) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let control = Arc::new(SessionControl::default());
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(id, Entry { info, control: Arc::clone(&control) });
+        }
+        Registration { id, registry: Arc::clone(self), control }
+    }
+
+    /// Closes every session of `subject`; returns how many.
+    pub fn close_subject(&self, subject: &str, request: CloseRequest) -> usize {
+        self.close_where(|i| i.subject.as_deref() == Some(subject), request)
+    }
+
+    /// Closes every session opened with token `token_id`; returns how many.
+    pub fn close_token(&self, token_id: &str, request: CloseRequest) -> usize {
+        self.close_where(|i| i.token_id.as_deref() == Some(token_id), request)
+    }
+
+    fn close_where(&self, pick: impl Fn(&SessionInfo) -> bool, request: CloseRequest) -> usize {
+        let Ok(s) = self.sessions.lock() else { return 0 };
+        let mut n = 0;
+        for e in s.values().filter(|e| pick(&e.info)) {
+            e.control.close(request);
+            n += 1;
+        }
+        n
+    }
+
+    /// Number of live sessions.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.sessions.lock().map_or(0, |s| s.len())
+    }
+
+    /// Whether no session is live.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn close_by_subject_reaches_only_that_subject() {
+        let reg = Arc::new(Registry::default());
+        let info = |s: &str| SessionInfo {
+            subject: Some(s.into()),
+            token_id: Some(format!("{s}-jti")),
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            started: SystemTime::now(),
+        };
+        let a = reg.register(info("alice"));
+        let b = reg.register(info("bob"));
+        let req = CloseRequest { code: 1008, reason: "revoked" };
+        assert_eq!(reg.close_subject("alice", req), 1);
+        assert_eq!(a.control.requested().await, req);
+        assert_eq!(reg.close_token("bob-jti", req), 1);
+        assert_eq!(reg.len(), 2);
+        drop(b);
+        assert_eq!(reg.len(), 1);
+    }
+}

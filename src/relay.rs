@@ -1,0 +1,527 @@
+//! The byte relay: raw bytes both ways, no re-framing, half-close propagated, idle and write timeouts, and a Close
+//! frame placed at a frame boundary when the session must end early (token expiry, drain deadline, revocation).
+//!
+//! Memory: a direction holds a buffer only while it has bytes in flight. A read borrows a buffer from a per-thread
+//! pool for the duration of one poll and gives it back when the socket has nothing, so an idle session holds no
+//! relay buffer at all (rustls keeps its own, smaller, per-connection state).
+//!
+//! Timers: one `Sleep` per session serves the idle, write and expiry deadlines. It is re-armed only when a deadline
+//! moves earlier; when it fires early (activity moved the idle deadline later), it is re-armed then.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::frame::{self, FrameTracker};
+use crate::registry::{CloseRequest, SessionControl};
+use crate::shutdown::{Phase, Signal};
+
+/// Size of a relay buffer: one TLS record of plaintext.
+pub const BUF_SIZE: usize = 16 * 1024;
+/// Buffers kept per worker thread for reuse.
+const POOL_MAX: usize = 256;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF_SIZE])
+}
+
+fn give_buffer(buf: Vec<u8>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        // Only full-size buffers are pooled (initial leftovers arrive in buffers of their own size).
+        if p.len() < POOL_MAX && buf.len() == BUF_SIZE {
+            p.push(buf);
+        }
+    });
+}
+
+/// Time limits of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// No bytes either way for this long ends the session.
+    pub idle: Duration,
+    /// A peer that accepts no bytes for this long is cut off.
+    pub write: Duration,
+    /// Time allowed to deliver the Close frame when the session is ended by the gateway.
+    pub close_grace: Duration,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Both sides closed (the client first, or the upstream first, both end here).
+    Closed,
+    /// No bytes moved for the idle timeout.
+    Idle,
+    /// A peer stopped reading.
+    WriteTimeout,
+    /// The token expired.
+    Expired,
+    /// The drain deadline passed.
+    Drain,
+    /// Closed from outside (revocation).
+    Revoked(&'static str),
+    /// The client's socket failed.
+    ClientError,
+    /// The upstream's socket failed.
+    UpstreamError,
+}
+
+impl EndReason {
+    /// Bounded label for logs and metrics.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Closed => "closed",
+            EndReason::Idle => "idle_timeout",
+            EndReason::WriteTimeout => "write_timeout",
+            EndReason::Expired => "token_expired",
+            EndReason::Drain => "drain",
+            EndReason::Revoked(_) => "revoked",
+            EndReason::ClientError => "client_error",
+            EndReason::UpstreamError => "upstream_error",
+        }
+    }
+
+    /// The Close frame the gateway sends the client for this reason, if it sends one.
+    #[must_use]
+    pub fn close(self) -> Option<CloseRequest> {
+        match self {
+            EndReason::Idle => Some(CloseRequest { code: frame::CLOSE_GOING_AWAY, reason: "idle timeout" }),
+            EndReason::Expired => Some(CloseRequest { code: frame::CLOSE_POLICY, reason: "token expired" }),
+            EndReason::Drain => Some(CloseRequest { code: frame::CLOSE_GOING_AWAY, reason: "going away" }),
+            EndReason::Revoked(reason) => Some(CloseRequest { code: frame::CLOSE_POLICY, reason }),
+            _ => None,
+        }
+    }
+}
+
+/// What a session did.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// Why it ended.
+    pub reason: EndReason,
+    /// Bytes client → upstream.
+    pub client_to_upstream: u64,
+    /// Bytes upstream → client.
+    pub upstream_to_client: u64,
+    /// Whether a Close frame was delivered to the client.
+    pub close_sent: bool,
+}
+
+/// One direction of the relay.
+#[derive(Debug, Default)]
+struct Pump {
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    /// Offset in `buf` of the last frame boundary among the buffered bytes.
+    boundary: Option<usize>,
+    frames: FrameTracker,
+    needs_flush: bool,
+    write_blocked: bool,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Pump {
+    fn with_initial(bytes: Vec<u8>) -> Pump {
+        let mut p = Pump::default();
+        if !bytes.is_empty() {
+            p.end = bytes.len();
+            p.note_read(&bytes);
+            p.buf = Some(bytes);
+        }
+        p
+    }
+
+    fn note_read(&mut self, chunk: &[u8]) {
+        let was_at = self.frames.at_boundary();
+        self.boundary = self.frames.feed(chunk).or(was_at.then_some(0));
+        self.bytes += chunk.len() as u64;
+    }
+
+    /// Writes and flushes what is buffered; returns the buffer to the pool when done.
+    fn poll_drain<W: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, dst: &mut W) -> Poll<io::Result<()>> {
+        self.write_blocked = false;
+        while self.start < self.end {
+            let Some(buf) = self.buf.as_ref() else { break };
+            match Pin::new(&mut *dst).poll_write(cx, &buf[self.start..self.end]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.start += n;
+                    self.needs_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.write_blocked = true;
+                    return Poll::Pending;
+                }
+            }
+        }
+        if self.needs_flush {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.write_blocked = true;
+                    return Poll::Pending;
+                }
+            }
+        }
+        if let Some(buf) = self.buf.take() {
+            give_buffer(buf);
+        }
+        self.start = 0;
+        self.end = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads at most `limit` bytes into a pooled buffer; `Ready(Ok(0))` is end of stream.
+    fn poll_fill<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, src: &mut R, limit: usize) -> Poll<io::Result<usize>> {
+        let mut buf = take_buffer();
+        let mut rb = ReadBuf::new(&mut buf[..limit.min(BUF_SIZE)]);
+        match Pin::new(src).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    give_buffer(buf);
+                    return Poll::Ready(Ok(0));
+                }
+                self.note_read(&buf[..n]);
+                self.start = 0;
+                self.end = n;
+                self.buf = Some(buf);
+                Poll::Ready(Ok(n))
+            }
+            // A TLS peer that closes without close_notify: an end of stream like any other.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                give_buffer(buf);
+                Poll::Ready(Ok(0))
+            }
+            Poll::Ready(Err(e)) => {
+                give_buffer(buf);
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                give_buffer(buf);
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Copies until end of stream, then shuts the destination's write side (half-close).
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W, active: &mut Instant) -> Poll<Result<(), Side>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            match self.poll_drain(cx, dst) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Side::Destination)),
+                Poll::Pending => return Poll::Pending,
+            }
+            if self.eof {
+                return match Pin::new(&mut *dst).poll_shutdown(cx) {
+                    Poll::Ready(_) => {
+                        self.done = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            match self.poll_fill(cx, src, BUF_SIZE) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => *active = Instant::now(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Side::Source)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Finishes the frame in flight, writes `close`, flushes and shuts down. `Ok(false)` when the source ended
+    /// mid-frame, so no valid Close frame could follow.
+    fn poll_close<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W, close: &[u8], sent: &mut bool) -> Poll<io::Result<bool>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(*sent));
+            }
+            if self.start < self.end && !self.frames.at_boundary() {
+                if let Some(b) = self.boundary.filter(|b| *b >= self.start) {
+                    // Drop the partial frame after the last boundary: the session ends here.
+                    self.end = b;
+                    self.frames = FrameTracker::new();
+                }
+            }
+            match self.poll_drain(cx, dst) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            if *sent || self.eof {
+                if Pin::new(&mut *dst).poll_shutdown(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.done = true;
+                continue;
+            }
+            if self.frames.at_boundary() {
+                let mut buf = take_buffer();
+                buf[..close.len()].copy_from_slice(close);
+                self.buf = Some(buf);
+                self.start = 0;
+                self.end = close.len();
+                *sent = true;
+                continue;
+            }
+            let limit = self.frames.until_boundary(BUF_SIZE);
+            match self.poll_fill(cx, src, limit) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// A session being relayed.
+pub struct Session<'a, C, U> {
+    client: &'a mut C,
+    upstream: &'a mut U,
+    up: Pump,
+    down: Pump,
+    limits: Limits,
+    expires_at: Option<Instant>,
+    active: Instant,
+    write_blocked_since: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<'a, C, U> Session<'a, C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A session over two connected streams; `client_rest` and `upstream_rest` are bytes already read past each
+    /// handshake, delivered first.
+    pub fn new(
+        client: &'a mut C,
+        upstream: &'a mut U,
+        client_rest: Vec<u8>,
+        upstream_rest: Vec<u8>,
+        limits: Limits,
+        expires_at: Option<Instant>,
+    ) -> Self {
+        let now = Instant::now();
+        Session {
+            client,
+            upstream,
+            up: Pump::with_initial(client_rest),
+            down: Pump::with_initial(upstream_rest),
+            limits,
+            expires_at,
+            active: now,
+            write_blocked_since: None,
+            timer: Box::pin(tokio::time::sleep_until(now + limits.idle)),
+        }
+    }
+
+    /// Relays until both sides close, a timer ends the session, the drain deadline passes or `control` asks.
+    pub async fn run(mut self, mut drain: Signal, control: &SessionControl) -> Outcome {
+        let reason = tokio::select! {
+            reason = poll_fn(|cx| self.poll_transfer(cx)) => reason,
+            () = drain.reached(Phase::Closing) => EndReason::Drain,
+            req = control.requested() => EndReason::Revoked(req.reason),
+        };
+        let mut close_sent = false;
+        if let Some(req) = reason.close() {
+            let close = frame::close_frame(req.code, req.reason, None);
+            let grace = self.limits.close_grace;
+            let Session { client, upstream, down, .. } = &mut self;
+            let closing = poll_fn(|cx| down.poll_close(cx, &mut **upstream, &mut **client, &close, &mut close_sent));
+            let _ = tokio::time::timeout(grace, closing).await;
+        }
+        Outcome {
+            reason,
+            client_to_upstream: self.up.bytes,
+            upstream_to_client: self.down.bytes,
+            close_sent,
+        }
+    }
+
+    fn poll_transfer(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
+        let Session { client, upstream, up, down, active, .. } = self;
+        match up.poll_copy(cx, &mut **client, &mut **upstream, active) {
+            Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::ClientError),
+            Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::UpstreamError),
+            _ => {}
+        }
+        match down.poll_copy(cx, &mut **upstream, &mut **client, active) {
+            Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::UpstreamError),
+            Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::ClientError),
+            _ => {}
+        }
+        if self.up.done && self.down.done {
+            return Poll::Ready(EndReason::Closed);
+        }
+        self.poll_timers(cx)
+    }
+
+    fn poll_timers(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
+        loop {
+            let now = Instant::now();
+            if self.up.write_blocked || self.down.write_blocked {
+                self.write_blocked_since.get_or_insert(now);
+            } else {
+                self.write_blocked_since = None;
+            }
+            let idle_at = self.active + self.limits.idle;
+            let write_at = self.write_blocked_since.map(|t| t + self.limits.write);
+            if self.expires_at.is_some_and(|t| now >= t) {
+                return Poll::Ready(EndReason::Expired);
+            }
+            if write_at.is_some_and(|t| now >= t) {
+                return Poll::Ready(EndReason::WriteTimeout);
+            }
+            if now >= idle_at {
+                return Poll::Ready(EndReason::Idle);
+            }
+            let next = [Some(idle_at), write_at, self.expires_at].into_iter().flatten().min().unwrap_or(idle_at);
+            if next < self.timer.deadline() || self.timer.is_elapsed() {
+                self.timer.as_mut().reset(next);
+            }
+            match self.timer.as_mut().poll(cx) {
+                // Fired before the real deadline (the idle deadline moved): re-evaluate and re-arm.
+                Poll::Ready(()) => {
+                    self.timer.as_mut().reset(next);
+                    continue;
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode, encode, OP_BINARY};
+    use crate::registry::SessionControl;
+    use crate::shutdown::Drain;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    fn limits() -> Limits {
+        Limits { idle: Duration::from_secs(60), write: Duration::from_secs(10), close_grace: Duration::from_secs(2) }
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_leftovers_and_half_close() {
+        let (mut client, mut gw_client) = duplex(64);
+        let (mut gw_up, mut upstream) = duplex(64);
+        let drain = Drain::new();
+        let control = SessionControl::default();
+        let task = tokio::spawn(async move {
+            let s = Session::new(&mut gw_client, &mut gw_up, b"early".to_vec(), b"hello".to_vec(), limits(), None);
+            s.run(drain.signal(), &control).await
+        });
+        let mut got = [0u8; 5];
+        upstream.read_exact(&mut got).await.expect("early bytes");
+        assert_eq!(&got, b"early");
+        client.read_exact(&mut got).await.expect("upstream leftovers");
+        assert_eq!(&got, b"hello");
+        let big = vec![42u8; 100_000];
+        let writer = {
+            let big = big.clone();
+            tokio::spawn(async move {
+                client.write_all(&big).await.expect("write");
+                client.shutdown().await.expect("half-close");
+                client
+            })
+        };
+        let mut echoed = Vec::new();
+        upstream.read_to_end(&mut echoed).await.expect("read to end");
+        assert_eq!(echoed, big);
+        let mut client = writer.await.expect("writer");
+        upstream.write_all(b"late").await.expect("after half-close");
+        drop(upstream);
+        let mut tail = Vec::new();
+        client.read_to_end(&mut tail).await.expect("tail");
+        assert_eq!(tail, b"late");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::Closed);
+        assert_eq!((out.client_to_upstream, out.upstream_to_client), (100_005, 9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_sends_going_away() {
+        let (mut client, mut gw_client) = duplex(1024);
+        let (mut gw_up, _upstream) = duplex(1024);
+        let control = SessionControl::default();
+        let drain = Drain::new();
+        let out = Session::new(&mut gw_client, &mut gw_up, Vec::new(), Vec::new(), limits(), None)
+            .run(drain.signal(), &control)
+            .await;
+        assert_eq!(out.reason, EndReason::Idle);
+        let mut buf = Vec::new();
+        client.read_to_end(&mut buf).await.expect("close");
+        let (f, _) = decode(&buf, 125).expect("valid").expect("frame");
+        assert_eq!(f.payload[..2], 1001u16.to_be_bytes());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_close_waits_for_the_frame_in_flight() {
+        let (mut client, mut gw_client) = duplex(1 << 20);
+        let (mut gw_up, mut upstream) = duplex(1 << 20);
+        let whole = encode(OP_BINARY, &[5u8; 1000], None);
+        let task = tokio::spawn(async move {
+            let control = SessionControl::default();
+            let drain = Drain::new();
+            let expires = Instant::now() + Duration::from_secs(5);
+            Session::new(&mut gw_client, &mut gw_up, Vec::new(), Vec::new(), limits(), Some(expires))
+                .run(drain.signal(), &control)
+                .await
+        });
+        // Half a frame before expiry, the rest after: the client must get the whole frame, then the Close.
+        upstream.write_all(&whole[..400]).await.expect("first half");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        upstream.write_all(&whole[400..]).await.expect("second half");
+        upstream.write_all(&encode(OP_BINARY, b"after", None)).await.expect("next frame");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::Expired);
+        assert!(out.close_sent);
+        let mut buf = Vec::new();
+        client.read_to_end(&mut buf).await.expect("read");
+        let (first, used) = decode(&buf, 4096).expect("ok").expect("frame");
+        assert_eq!(first.payload.len(), 1000);
+        let (close, _) = decode(&buf[used..], 125).expect("ok").expect("close");
+        assert_eq!(close.opcode, frame::OP_CLOSE);
+        assert_eq!(close.payload[..2], 1008u16.to_be_bytes());
+    }
+}

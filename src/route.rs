@@ -1,0 +1,254 @@
+//! Path prefix to upstream: the Go gateway's `routes.yaml`, read unchanged, plus `UPSTREAM_WS_URL` as the fallback.
+//!
+//! The file is a YAML list (or a mapping with a `routes:` list) of entries with `prefix`, `upstream`,
+//! `copySubProtocol` and `preserveQuery`. The first entry whose prefix starts the request path wins; the fallback
+//! matches every path.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::net::WsUrl;
+
+/// One route: where requests under `prefix` go and what of the request travels with them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Path prefix (`/` for the fallback).
+    pub prefix: String,
+    /// The upstream URL.
+    pub upstream: WsUrl,
+    /// Forward the client's `Sec-WebSocket-Protocol` offer (token entries are always removed).
+    pub copy_subprotocol: bool,
+    /// Forward the client's query string (the token parameter is always removed).
+    pub preserve_query: bool,
+    /// Accept the JWT as the MQTT CONNECT password on this route.
+    pub mqtt_connect_auth: Option<bool>,
+}
+
+impl Route {
+    /// The path and query to request from the upstream for a client request target.
+    ///
+    /// An upstream URL with a path is the full target; one without (`ws://host:port` or `/`) receives the client's
+    /// path. The upstream URL's own query comes first, then the client's when `preserveQuery` holds.
+    #[must_use]
+    pub fn upstream_target(&self, client_path: &str, client_query: Option<&str>) -> String {
+        let mut target = if self.upstream.has_path { self.upstream.path().to_owned() } else { client_path.to_owned() };
+        let mut parts: Vec<&str> = Vec::new();
+        if let Some(q) = self.upstream.query().filter(|q| !q.is_empty()) {
+            parts.push(q);
+        }
+        if self.preserve_query {
+            if let Some(q) = client_query.filter(|q| !q.is_empty()) {
+                parts.push(q);
+            }
+        }
+        if !parts.is_empty() {
+            target.push('?');
+            target.push_str(&parts.join("&"));
+        }
+        target
+    }
+}
+
+/// The ordered routes and the fallback.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+/// A route file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML does not have the expected shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// An entry is invalid.
+    #[error("{path}: route {index} (prefix `{prefix}`): {message}")]
+    Entry {
+        /// The file.
+        path: String,
+        /// 1-based position in the list.
+        index: usize,
+        /// Its prefix.
+        prefix: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RouteEntry {
+    prefix: String,
+    upstream: String,
+    #[serde(default)]
+    copy_sub_protocol: Option<bool>,
+    #[serde(default)]
+    preserve_query: Option<bool>,
+    #[serde(default)]
+    mqtt_connect_auth: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RouteFile {
+    List(Vec<RouteEntry>),
+    Wrapped {
+        routes: Vec<RouteEntry>,
+    },
+}
+
+impl RouteTable {
+    /// Routes in order, then the fallback (prefix `/`) when there is one.
+    #[must_use]
+    pub fn new(mut routes: Vec<Route>, fallback: Option<WsUrl>) -> RouteTable {
+        if let Some(upstream) = fallback {
+            routes.push(Route {
+                prefix: "/".to_owned(),
+                upstream,
+                copy_subprotocol: true,
+                preserve_query: true,
+                mqtt_connect_auth: None,
+            });
+        }
+        RouteTable { routes }
+    }
+
+    /// Reads a `routes.yaml`.
+    ///
+    /// # Errors
+    /// Unreadable file, bad YAML, an unknown key, a prefix not starting with `/`, or a bad upstream URL.
+    pub fn from_file(path: &Path, fallback: Option<WsUrl>) -> Result<RouteTable, RouteError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RouteError::Read { path: name.clone(), source })?;
+        RouteTable::from_yaml(&text, &name, fallback)
+    }
+
+    /// Parses the text of a `routes.yaml`; `name` is used in errors.
+    ///
+    /// # Errors
+    /// As for [`RouteTable::from_file`].
+    pub fn from_yaml(text: &str, name: &str, fallback: Option<WsUrl>) -> Result<RouteTable, RouteError> {
+        let entries = if text.trim().is_empty() {
+            Vec::new()
+        } else {
+            match serde_saphyr::from_str::<RouteFile>(text) {
+                Ok(RouteFile::List(v) | RouteFile::Wrapped { routes: v }) => v,
+                Err(_) => {
+                    // The untagged enum hides the real problem; ask the list shape again for its message.
+                    let message = match serde_saphyr::from_str::<Vec<RouteEntry>>(text) {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "expected a list of routes".to_owned(),
+                    };
+                    return Err(RouteError::Parse { path: name.to_owned(), message });
+                }
+            }
+        };
+        let mut routes = Vec::with_capacity(entries.len());
+        for (i, e) in entries.into_iter().enumerate() {
+            let bad = |message: String| RouteError::Entry {
+                path: name.to_owned(),
+                index: i + 1,
+                prefix: e.prefix.clone(),
+                message,
+            };
+            if !e.prefix.starts_with('/') {
+                return Err(bad("prefix must start with `/`".into()));
+            }
+            let upstream = WsUrl::parse_ws(&e.upstream).map_err(|m| bad(format!("upstream: {m}")))?;
+            routes.push(Route {
+                prefix: e.prefix.clone(),
+                upstream,
+                copy_subprotocol: e.copy_sub_protocol.unwrap_or(true),
+                preserve_query: e.preserve_query.unwrap_or(true),
+                mqtt_connect_auth: e.mqtt_connect_auth,
+            });
+        }
+        Ok(RouteTable::new(routes, fallback))
+    }
+
+    /// The first route whose prefix starts `path`.
+    #[must_use]
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(r.prefix.as_str()))
+    }
+
+    /// Whether no route is configured at all.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Number of routes, the fallback included.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Adds a fallback route when none is configured (used by `--dev` for its echo upstream).
+    pub fn set_fallback_if_empty(&mut self, upstream: WsUrl) {
+        if !self.routes.iter().any(|r| r.prefix == "/") {
+            *self = RouteTable::new(std::mem::take(&mut self.routes), Some(upstream));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GO_FORMAT: &str = "\
+- prefix: /mqtt
+  upstream: ws://rabbit:15675/ws
+  copySubProtocol: true
+  preserveQuery: false
+- prefix: /raw
+  upstream: wss://backend.internal
+";
+
+    #[test]
+    fn first_matching_prefix_wins_and_fallback_catches_the_rest() {
+        let fallback = WsUrl::parse_ws("ws://fallback:1/").ok();
+        let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", fallback).expect("parses");
+        assert_eq!(t.find("/mqtt/x").expect("route").upstream.host, "rabbit");
+        assert_eq!(t.find("/raw").expect("route").upstream.host, "backend.internal");
+        assert_eq!(t.find("/other").expect("fallback").upstream.host, "fallback");
+        let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", None).expect("parses");
+        assert!(t.find("/other").is_none());
+    }
+
+    #[test]
+    fn wrapped_form_and_targets() {
+        let wrapped = "routes:\n  - prefix: /mqtt\n    upstream: ws://rabbit:15675/ws\n    preserveQuery: false\n  \
+- prefix: /raw\n    upstream: wss://backend.internal\n";
+        let t = RouteTable::from_yaml(wrapped, "r", None).expect("wrapped");
+        let mqtt = t.find("/mqtt").expect("route");
+        assert_eq!(mqtt.upstream_target("/mqtt", Some("a=1")), "/ws");
+        let raw = t.find("/raw/feed").expect("route");
+        assert_eq!(raw.upstream_target("/raw/feed", Some("a=1")), "/raw/feed?a=1");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: ws://a/\n  bogus: 1\n", "r.yaml", None)
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = RouteTable::from_yaml("- prefix: a\n  upstream: ws://a/\n", "r.yaml", None).expect_err("prefix");
+        assert!(err.to_string().contains("prefix"), "{err}");
+        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: http://a/\n", "r.yaml", None).expect_err("url");
+        assert!(err.to_string().contains("upstream"), "{err}");
+    }
+}

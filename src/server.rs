@@ -1,0 +1,324 @@
+//! The listener and the life of one connection: permit, PROXY header, TLS, request head, route, upgrade checks,
+//! Origin, token, upstream, 101, relay. Each refusal is answered in one place ([`ConnError::response`]) and logged
+//! once with its bounded `kind`.
+//!
+//! See `src/LIFECYCLE.md` for the states and which timer guards each.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::jwt::{unix_now, Verifier};
+use crate::auth::source::{find_token, Source};
+use crate::auth::{AuthError, Identity};
+use crate::config::Config;
+use crate::metrics::{protocol_label, Metrics};
+use crate::net::Io;
+use crate::registry::{Registry, SessionInfo};
+use crate::relay::{Limits, Session};
+use crate::route::Route;
+use crate::shutdown::{ConnectionGuard, Guards, Phase, Signal};
+use crate::upgrade::{check_upgrade, read_head, ReadHead, RequestHead, Response, UpgradeError};
+use crate::upstream::{self, Forwarding, UpstreamError};
+
+/// Everything a connection needs, shared by all of them.
+pub struct Gateway {
+    /// The validated configuration.
+    pub config: Config,
+    /// TLS for the listener, or `None` for plain HTTP.
+    pub tls: Option<TlsAcceptor>,
+    /// Client TLS for `wss://` upstreams.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// The drain phase.
+    pub signal: Signal,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("config", &self.config).field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Readiness: keys loaded and not draining.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.signal.phase() == Phase::Running && self.verifier.keys().is_ready()
+    }
+}
+
+/// A refused or failed connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The request is not an acceptable upgrade.
+    #[error("{0}")]
+    Upgrade(#[from] UpgradeError),
+    /// Authentication failed.
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    /// The Origin is not allowed (or missing when required).
+    #[error("origin not allowed")]
+    Origin,
+    /// The upstream cannot be used.
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    /// The handshake deadline passed.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+}
+
+impl ConnError {
+    /// Bounded label for logs and metrics.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnError::Upgrade(e) => e.kind(),
+            ConnError::Auth(e) => e.kind(),
+            ConnError::Origin => "origin",
+            ConnError::Upstream(e) => e.kind(),
+            ConnError::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    /// The HTTP answer.
+    #[must_use]
+    pub fn response(&self) -> Response {
+        match self {
+            ConnError::Upgrade(e) => e.response(),
+            ConnError::Auth(e) => e.response(),
+            ConnError::Origin => Response::new(403, "origin not allowed"),
+            ConnError::Upstream(_) => Response::new(502, "upstream unavailable"),
+            ConnError::HandshakeTimeout => Response::new(408, "request head not received in time"),
+        }
+    }
+}
+
+/// Accepts connections until the drain starts: a permit is taken before `accept`, accept errors back off, and
+/// each connection runs in its own task.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
+    let permits = Arc::new(Semaphore::new(gw.config.max_connections));
+    let mut signal = gw.signal.clone();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = signal.reached(Phase::Draining) => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => { backoff = Duration::from_millis(5); c }
+                Err(error) => {
+                    tracing::warn!(event = "accept_failed", %error, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            () = signal.reached(Phase::Draining) => break,
+        };
+        let Some(guard) = guards.guard() else { break };
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move {
+            handle(&gw, tcp, peer, guard).await;
+            drop(permit);
+        });
+    }
+    tracing::info!(event = "listener_closed", "listener closed; no new connections");
+}
+
+/// One connection from accept to close.
+pub async fn handle(gw: &Gateway, mut tcp: TcpStream, mut peer: SocketAddr, guard: ConnectionGuard) {
+    gw.metrics.connections.inc();
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + gw.config.timeouts.handshake;
+
+    if gw.config.proxy_protocol {
+        if !gw.config.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+            tracing::warn!(event = "proxy_untrusted", peer = %peer, "PROXY protocol expected but peer is not trusted; closing");
+            gw.metrics.proxy_errors.get_or_create(&[("kind", "proxy_untrusted")]).inc();
+            return;
+        }
+        match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
+            Ok(Ok(Some(addr))) => peer = addr,
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(event = "proxy_header_invalid", peer = %peer, %error, "bad PROXY protocol header; closing");
+                gw.metrics.proxy_errors.get_or_create(&[("kind", "proxy_header")]).inc();
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+
+    let mut io = match &gw.tls {
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Io::ServerTls(Box::new(s)),
+            Ok(Err(error)) => {
+                gw.metrics.tls_handshake_failures.inc();
+                tracing::debug!(event = "tls_handshake_failed", peer = %peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                gw.metrics.tls_handshake_failures.inc();
+                tracing::debug!(event = "tls_handshake_timeout", peer = %peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        None => Io::Plain(tcp),
+    };
+
+    let (head, rest) = match tokio::time::timeout_at(deadline, read_head(&mut io, gw.config.max_request_head_bytes)).await {
+        Ok(Ok(Ok(ReadHead::Complete(head, rest)))) => (head, rest),
+        Ok(Ok(Ok(ReadHead::Closed))) | Ok(Err(_)) => return,
+        Ok(Ok(Err(e))) => return refuse(gw, &mut io, peer, None, None, ConnError::Upgrade(e)).await,
+        Err(_) => return refuse(gw, &mut io, peer, None, None, ConnError::HandshakeTimeout).await,
+    };
+    let started = Instant::now();
+
+    if head.path() == "/healthz" {
+        let resp = if head.method == "GET" { Response::new(200, "ok") } else { UpgradeError::Method.response() };
+        let _ = resp.send(&mut io).await;
+        return;
+    }
+    let Some(route) = gw.config.routes.find(head.path()) else {
+        return refuse(gw, &mut io, peer, Some(&head), None, ConnError::Upgrade(UpgradeError::NoRoute)).await;
+    };
+    let (identity, source) = match admit(gw, &head, route).await {
+        Ok(ok) => ok,
+        Err(e) => return refuse(gw, &mut io, peer, Some(&head), Some(route), e).await,
+    };
+    gw.metrics.auth_success.inc();
+
+    let fwd = Forwarding {
+        client_ip: peer.ip(),
+        tls: io.is_tls(),
+        identity: &identity,
+        cookie_name: &gw.config.auth.cookie_name,
+        query_param: &gw.config.auth.query_param,
+        claim_headers: &gw.config.auth.forward_claims,
+    };
+    let request = upstream::build_request(&head, route, &fwd);
+    let dial_started = Instant::now();
+    let connected = match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
+        Ok(c) => c,
+        Err(e) => {
+            gw.metrics.upstream_failures.get_or_create(&[("kind", e.kind())]).inc();
+            gw.metrics.proxy_errors.get_or_create(&[("kind", "upstream")]).inc();
+            return refuse(gw, &mut io, peer, Some(&head), Some(route), ConnError::Upstream(e)).await;
+        }
+    };
+    gw.metrics.upstream_dial_duration.observe(dial_started.elapsed().as_secs_f64());
+    let upstream::Connected { io: up, response, rest: up_rest, protocol } = connected;
+
+    use tokio::io::AsyncWriteExt;
+    if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
+        return;
+    }
+    gw.metrics.handshake_duration.observe(started.elapsed().as_secs_f64());
+    gw.metrics.protocol_connections.get_or_create(&[("protocol", protocol_label(protocol.as_deref()))]).inc();
+
+    relay(gw, io, up, rest, up_rest, peer, route, &identity, source, guard).await;
+}
+
+/// Route-level checks, Origin, then the token.
+async fn admit(gw: &Gateway, head: &RequestHead, _route: &Route) -> Result<(Identity, Source), ConnError> {
+    check_upgrade(head)?;
+    let auth = &gw.config.auth;
+    match head.single("Origin").map_err(ConnError::Upgrade)? {
+        Some(origin) if !auth.origins.allows(origin) => return Err(ConnError::Origin),
+        None if auth.require_origin => return Err(ConnError::Origin),
+        _ => {}
+    }
+    let (source, token) = find_token(head, &auth.cookie_name, &auth.query_param).ok_or(AuthError::Missing)?;
+    let identity = gw.verifier.verify(&token).await?;
+    Ok((identity, source))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    gw: &Gateway,
+    mut client: Io,
+    mut upstream: Io,
+    client_rest: Vec<u8>,
+    upstream_rest: Vec<u8>,
+    peer: SocketAddr,
+    route: &Route,
+    identity: &Identity,
+    source: Source,
+    guard: ConnectionGuard,
+) {
+    let registration = gw.registry.register(SessionInfo {
+        subject: identity.subject.clone(),
+        token_id: identity.token_id.clone(),
+        peer,
+        started: SystemTime::now(),
+    });
+    let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
+    let remaining = (identity.expires_at + leeway - unix_now()).max(0);
+    let expires_at = Instant::now() + Duration::from_secs(u64::try_from(remaining).unwrap_or(0));
+    let limits = Limits {
+        idle: gw.config.timeouts.idle,
+        write: gw.config.timeouts.write,
+        close_grace: gw.config.timeouts.write.min(Duration::from_secs(5)),
+    };
+    gw.metrics.active_sessions.inc();
+    let started = Instant::now();
+    tracing::debug!(event = "session_start", peer = %peer, route = %route.prefix, subject = identity.subject.as_deref().unwrap_or(""),
+        token_source = source.name(), "session started");
+    let outcome = Session::new(&mut client, &mut upstream, client_rest, upstream_rest, limits, Some(expires_at))
+        .run(gw.signal.clone(), &registration.control)
+        .await;
+    let duration = started.elapsed();
+    gw.metrics.active_sessions.dec();
+    gw.metrics.session_duration.observe(duration.as_secs_f64());
+    gw.metrics.relay_bytes.get_or_create(&[("direction", "client_to_upstream")]).inc_by(outcome.client_to_upstream);
+    gw.metrics.relay_bytes.get_or_create(&[("direction", "upstream_to_client")]).inc_by(outcome.upstream_to_client);
+    gw.metrics.session_closes.get_or_create(&[("reason", outcome.reason.label())]).inc();
+    tracing::info!(
+        event = "session_end",
+        peer = %peer,
+        route = %route.prefix,
+        subject = identity.subject.as_deref().unwrap_or(""),
+        token_source = source.name(),
+        duration_ms = duration.as_millis() as u64,
+        bytes_client_to_upstream = outcome.client_to_upstream,
+        bytes_upstream_to_client = outcome.upstream_to_client,
+        close_reason = outcome.reason.label(),
+        close_code = outcome.reason.close().map_or(0, |c| c.code),
+        "session ended"
+    );
+    drop(registration);
+    drop(guard);
+}
+
+/// Answers a refused request, counts it and logs one line; the path is logged without its query (which may carry
+/// a token).
+async fn refuse(gw: &Gateway, io: &mut Io, peer: SocketAddr, head: Option<&RequestHead>, route: Option<&Route>, err: ConnError) {
+    let resp = err.response();
+    gw.metrics.reject(resp.status);
+    if let ConnError::Auth(a) = &err {
+        gw.metrics.auth_failures.get_or_create(&[("reason", a.kind())]).inc();
+    }
+    tracing::info!(
+        event = "rejected",
+        peer = %peer,
+        status = resp.status,
+        reason = err.kind(),
+        path = head.map_or("", |h| h.path()),
+        route = route.map_or("", |r| r.prefix.as_str()),
+        detail = %err,
+        "request refused"
+    );
+    let _ = resp.send(io).await;
+}

@@ -1,0 +1,317 @@
+//! Dialing the upstream and forwarding the handshake: the client's upgrade request is rewritten for the upstream
+//! (Host, hop-by-hop headers, X-Forwarded-*, identity headers, token carriers removed), and the upstream's answer
+//! must be a valid 101 for the same key before anything is relayed.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::auth::source::{strip_cookie, strip_query, strip_subprotocols};
+use crate::auth::Identity;
+use crate::net::{dial, DialError, Io};
+use crate::route::Route;
+use crate::upgrade::{accept_key, RequestHead};
+
+/// Largest 101 head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Headers never forwarded as received: hop-by-hop ones, those the gateway sets itself, and identity headers a
+/// client could otherwise forge.
+const DROPPED: &[&str] = &[
+    "host",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "proxy-authorization",
+    "content-length",
+    "sec-websocket-protocol",
+    "cookie",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+    "x-auth-subject",
+    "forwarded",
+];
+
+/// What the gateway knows about the client that the upstream should hear.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The client's address (after PROXY protocol, when trusted).
+    pub client_ip: IpAddr,
+    /// Whether the client reached the gateway over TLS.
+    pub tls: bool,
+    /// The verified identity.
+    pub identity: &'a Identity,
+    /// Cookie carrying the token, stripped.
+    pub cookie_name: &'a str,
+    /// Query parameter carrying the token, stripped.
+    pub query_param: &'a str,
+    /// Header names of forwarded claims, stripped from the client's request.
+    pub claim_headers: &'a [(String, String)],
+}
+
+/// The request to send upstream, and what checking its answer needs.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    /// The bytes of the request head.
+    pub bytes: Vec<u8>,
+    /// The client's `Sec-WebSocket-Key`, reused so the client's own accept check holds.
+    pub key: String,
+    /// Subprotocols offered upstream; the upstream may select only one of these.
+    pub offered: Vec<String>,
+}
+
+/// Builds the upstream request from the client's head.
+#[must_use]
+pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) -> UpstreamRequest {
+    let query = head.query().and_then(|q| strip_query(q, fwd.query_param));
+    let target = route.upstream_target(head.path(), query.as_deref());
+    let mut out = format!("GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n", route.upstream.authority);
+
+    let listed_in_connection: Vec<String> = head
+        .values("Connection")
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty() && t != "upgrade")
+        .collect();
+    let mut key = String::new();
+    for h in &head.headers {
+        let lower = h.name.to_ascii_lowercase();
+        if DROPPED.contains(&lower.as_str())
+            || listed_in_connection.contains(&lower)
+            || fwd.claim_headers.iter().any(|(_, name)| name.eq_ignore_ascii_case(&lower))
+        {
+            continue;
+        }
+        let Ok(value) = std::str::from_utf8(&h.value) else { continue };
+        if lower == "authorization" && value.trim().get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")) {
+            continue;
+        }
+        if lower == "sec-websocket-key" {
+            key = value.trim().to_owned();
+        }
+        out.push_str(&format!("{}: {}\r\n", h.name, value));
+    }
+
+    let offered: Vec<String> = if route.copy_subprotocol {
+        strip_subprotocols(head.values("Sec-WebSocket-Protocol"))
+            .map(|s| s.split(',').map(|p| p.trim().to_owned()).collect())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if !offered.is_empty() {
+        out.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", offered.join(", ")));
+    }
+    let cookies: Vec<String> = head.values("Cookie").filter_map(|c| strip_cookie(c, fwd.cookie_name)).collect();
+    if !cookies.is_empty() {
+        out.push_str(&format!("Cookie: {}\r\n", cookies.join("; ")));
+    }
+
+    let ip = fwd.client_ip.to_string();
+    let prior: Vec<&str> = head.values("X-Forwarded-For").collect();
+    let xff = if prior.is_empty() { ip.clone() } else { format!("{}, {ip}", prior.join(", ")) };
+    let proto = if fwd.tls {
+        "https".to_owned()
+    } else {
+        head.values("X-Forwarded-Proto").next().map_or_else(|| "http".to_owned(), |p| p.trim().to_owned())
+    };
+    out.push_str(&format!("X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\nX-Real-IP: {ip}\r\n"));
+    if let Some(host) = head.values("Host").next() {
+        out.push_str(&format!("X-Forwarded-Host: {}\r\n", host.trim()));
+    }
+    if let Some(sub) = &fwd.identity.subject {
+        out.push_str(&format!("X-Auth-Subject: {sub}\r\n"));
+    }
+    for (name, value) in &fwd.identity.forwarded {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    UpstreamRequest { bytes: out.into_bytes(), key, offered }
+}
+
+/// Why the upstream could not be used; every variant answers the client 502.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connect or TLS failed.
+    #[error("dial: {0}")]
+    Dial(#[from] DialError),
+    /// The connection failed during the handshake.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The upstream answered something other than 101.
+    #[error("upstream answered {0}")]
+    Status(u16),
+    /// A 101 that does not complete this handshake.
+    #[error("invalid handshake: {0}")]
+    Handshake(&'static str),
+    /// The dial deadline passed.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl UpstreamError {
+    /// Bounded label for logs and metrics.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Dial(d) => d.kind(),
+            UpstreamError::Io(_) => "io",
+            UpstreamError::Status(_) => "status",
+            UpstreamError::Handshake(_) => "handshake",
+            UpstreamError::Timeout => "timeout",
+        }
+    }
+}
+
+/// The upstream's accepted handshake.
+#[derive(Debug)]
+pub struct Connected {
+    /// The connection.
+    pub io: Io,
+    /// The 101 head, forwarded to the client as received.
+    pub response: Vec<u8>,
+    /// Bytes the upstream sent after its 101.
+    pub rest: Vec<u8>,
+    /// The subprotocol the upstream selected.
+    pub protocol: Option<String>,
+}
+
+/// Dials `route`'s upstream, sends `req` and checks the 101, all within `limit`.
+///
+/// # Errors
+/// See [`UpstreamError`].
+pub async fn connect(
+    route: &Route,
+    req: &UpstreamRequest,
+    tls: &Arc<rustls::ClientConfig>,
+    limit: Duration,
+) -> Result<Connected, UpstreamError> {
+    let attempt = async {
+        let (mut io, _) = dial(&route.upstream, tls, limit).await?;
+        io.write_all(&req.bytes).await?;
+        io.flush().await?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 2048];
+        loop {
+            let n = io.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(UpstreamError::Handshake("closed before answering"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some((used, protocol)) = check_response(&buf, req)? {
+                let rest = buf.split_off(used);
+                return Ok(Connected { io, response: buf, rest, protocol });
+            }
+            if buf.len() > MAX_RESPONSE_HEAD {
+                return Err(UpstreamError::Handshake("response head too large"));
+            }
+        }
+    };
+    tokio::time::timeout(limit, attempt).await.map_err(|_| UpstreamError::Timeout)?
+}
+
+/// Checks a complete 101; `Ok(None)` while incomplete.
+fn check_response(buf: &[u8], req: &UpstreamRequest) -> Result<Option<(usize, Option<String>)>, UpstreamError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let used = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(UpstreamError::Handshake("malformed response")),
+    };
+    let status = resp.code.unwrap_or(0);
+    if status != 101 {
+        return Err(UpstreamError::Status(status));
+    }
+    let values = |name: &str| -> Vec<String> {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_owned())
+            .collect()
+    };
+    if !values("Upgrade").iter().any(|v| v.eq_ignore_ascii_case("websocket")) {
+        return Err(UpstreamError::Handshake("no Upgrade: websocket"));
+    }
+    if !values("Connection").iter().any(|v| v.eq_ignore_ascii_case("upgrade")) {
+        return Err(UpstreamError::Handshake("no Connection: upgrade"));
+    }
+    let accept = values("Sec-WebSocket-Accept");
+    if accept.len() != 1 || accept[0] != accept_key(&req.key) {
+        return Err(UpstreamError::Handshake("wrong Sec-WebSocket-Accept"));
+    }
+    let protocol = values("Sec-WebSocket-Protocol");
+    let protocol = match protocol.as_slice() {
+        [] => None,
+        [p] if req.offered.iter().any(|o| o == p) => Some(p.clone()),
+        _ => return Err(UpstreamError::Handshake("subprotocol not offered")),
+    };
+    Ok(Some((used, protocol)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Url;
+    use crate::upgrade::parse_head;
+
+    #[test]
+    fn request_is_rewritten_and_carries_no_token() {
+        let raw = "GET /mqtt?access_token=SECRET&room=1 HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n\
+Connection: Upgrade, X-Hop\r\nX-Hop: 1\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Authorization: Bearer SECRET\r\nSec-WebSocket-Protocol: mqtt, bearer.SECRET\r\nCookie: session=SECRET; theme=dark\r\n\
+X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
+        let head = parse_head(raw.as_bytes()).expect("ok").expect("complete").0;
+        let route = Route {
+            prefix: "/mqtt".into(),
+            upstream: Url::parse_ws("ws://broker:9001").expect("url"),
+            copy_subprotocol: true,
+            preserve_query: true,
+            mqtt_connect_auth: None,
+        };
+        let identity = Identity { subject: Some("alice".into()), token_id: None, expires_at: 0, forwarded: vec![] };
+        let fwd = Forwarding {
+            client_ip: "192.0.2.7".parse().expect("ip"),
+            tls: true,
+            identity: &identity,
+            cookie_name: "session",
+            query_param: "access_token",
+            claim_headers: &[],
+        };
+        let req = build_request(&head, &route, &fwd);
+        let text = String::from_utf8(req.bytes).expect("utf8");
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.starts_with("GET /mqtt?room=1 HTTP/1.1\r\nHost: broker:9001\r\n"), "{text}");
+        assert!(!text.contains("X-Hop"), "{text}");
+        assert!(text.contains("X-Auth-Subject: alice\r\n") && !text.contains("mallory"), "{text}");
+        assert!(text.contains("Sec-WebSocket-Protocol: mqtt\r\n"), "{text}");
+        assert!(text.contains("Cookie: theme=dark\r\n"), "{text}");
+        assert!(text.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"), "{text}");
+        assert!(text.contains("X-Forwarded-Proto: https\r\nX-Real-IP: 192.0.2.7\r\n"), "{text}");
+        assert_eq!(req.key, "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(req.offered, vec!["mqtt".to_owned()]);
+    }
+
+    #[test]
+    fn response_checks() {
+        let req = UpstreamRequest { bytes: vec![], key: "dGhlIHNhbXBsZSBub25jZQ==".into(), offered: vec!["mqtt".into()] };
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: mqtt\r\n\r\nDATA";
+        let (used, proto) = check_response(ok.as_bytes(), &req).expect("ok").expect("complete");
+        assert_eq!((&ok[used..], proto.as_deref()), ("DATA", Some("mqtt")));
+        assert!(check_response(ok.replace("s3pP", "xxxx").as_bytes(), &req).is_err());
+        assert!(check_response(ok.replace("mqtt", "bearer.x").as_bytes(), &req).is_err());
+        assert!(matches!(check_response(b"HTTP/1.1 403 Forbidden\r\n\r\n", &req), Err(UpstreamError::Status(403))));
+        assert!(check_response(&ok.as_bytes()[..30], &req).expect("partial").is_none());
+    }
+}
