@@ -140,7 +140,7 @@ async fn routes_pick_the_first_matching_prefix_and_apply_their_options() {
     assert_eq!(seen.target, "/ws", "fixed upstream path, query dropped: {}", seen.raw());
     assert!(seen.header("sec-websocket-protocol").is_none(), "{}", seen.raw());
 
-    let mut ws2 = ws(&env.pki, &gw, "/m/feed?room=1&access_token=zzz", &[("Authorization", &auth), ("Sec-WebSocket-Protocol", "mqtt")])
+    let mut ws2 = connect_ws(&env.pki, &gw, "/m/feed?room=1&access_token=zzz", &[("Authorization", &auth), ("Sec-WebSocket-Protocol", "mqtt")])
         .await
         .expect("second route");
     assert_eq!(next_text(&mut ws2).await, "hello from b");
@@ -164,7 +164,7 @@ async fn wss_upstream_with_a_private_ca() {
     args.extend(["--upstream-ca-file".to_owned(), env.pki.ca_pem.to_str().expect("p").to_owned()]);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
-    let mut conn = ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.expect("upgrade");
+    let mut conn = connect_ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.expect("upgrade");
     assert_eq!(next_text(&mut conn).await, "hello from secure");
     within(conn.send(Message::text("over wss"))).await.expect("send");
     assert_eq!(next_text(&mut conn).await, "over wss");
@@ -175,7 +175,7 @@ async fn wss_upstream_with_a_private_ca() {
     args[i + 1] = secure.url.clone();
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
-    assert_eq!(ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.err(), Some(502));
+    assert_eq!(connect_ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.err(), Some(502));
 }
 
 #[tokio::test]
@@ -201,7 +201,7 @@ async fn upstream_that_refuses_or_is_down_gives_502() {
         args[i + 1] = url;
         let gw = Gateway::spawn(&args, &[]);
         gw.wait_ready().await;
-        assert_eq!(ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.err(), Some(502));
+        assert_eq!(connect_ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.err(), Some(502));
     }
 }
 
@@ -263,7 +263,7 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     args.extend(["--ws-write-timeout-seconds".to_owned(), "1".to_owned()]);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
-    let _ws = ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.expect("upgrade");
+    let _ws = connect_ws(&env.pki, &gw, "/", &[("Authorization", &format!("Bearer {}", env.token()))]).await.expect("upgrade");
     // The client never reads; the gateway must give up on it.
     let line = gw.wait_log(&["\"event\":\"session_end\"", "write_timeout"]).await;
     assert!(line.contains("\"bytes_upstream_to_client\""), "{line}");

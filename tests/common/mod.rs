@@ -662,7 +662,7 @@ pub fn status_of(resp: &str) -> u16 {
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
 /// A WebSocket client (tungstenite) through the gateway with extra headers; `Err(status)` when refused.
-pub async fn ws(pki: &Pki, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+pub async fn connect_ws(pki: &Pki, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
     let stream = tls(pki, gw.addr).await;
     let mut req = gw.url(path).into_client_request().expect("request");
     for (n, v) in headers {
@@ -681,7 +681,7 @@ pub async fn ws(pki: &Pki, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -
 /// A bearer-authenticated client; reads the upstream's greeting.
 pub async fn ws_ok(env: &Env, gw: &Gateway, path: &str) -> Ws {
     let token = env.token();
-    let mut ws = ws(&env.pki, gw, path, &[("Authorization", &format!("Bearer {token}"))]).await.expect("upgrade accepted");
+    let mut ws = connect_ws(&env.pki, gw, path, &[("Authorization", &format!("Bearer {token}"))]).await.expect("upgrade accepted");
     let hello = next_text(&mut ws).await;
     assert!(hello.starts_with("hello from"), "{hello}");
     ws
