@@ -13,6 +13,7 @@
 //! - [`auth`]: token sources, JWT verification, JWKS cache, Origin policy;
 //! - [`upstream`]: the rewritten upgrade request, the dial, the 101 check;
 //! - [`relay`]: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
+//! - [`mqtt`]: the token in the MQTT CONNECT password, for clients that cannot set headers;
 //! - [`registry`]: live sessions by subject and token id, closable from outside;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the handles;
 //! - [`shutdown`]: the drain phases and connection guards;
@@ -27,6 +28,7 @@ pub mod dev;
 pub mod frame;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt;
 pub mod net;
 pub mod proxy_protocol;
 pub mod registry;

@@ -196,19 +196,14 @@ pub async fn handle(gw: &Gateway, mut tcp: TcpStream, mut peer: SocketAddr, guar
     };
     let (identity, source) = match admit(gw, &head, route).await {
         Ok(ok) => ok,
+        Err(ConnError::Auth(AuthError::Missing)) if mqtt_password_applies(gw, &head, route) => {
+            return mqtt_session(gw, io, &head, rest, peer, route, guard).await;
+        }
         Err(e) => return refuse(gw, &mut io, peer, Some(&head), Some(route), e).await,
     };
     gw.metrics.auth_success.inc();
 
-    let fwd = Forwarding {
-        client_ip: peer.ip(),
-        tls: io.is_tls(),
-        identity: &identity,
-        cookie_name: &gw.config.auth.cookie_name,
-        query_param: &gw.config.auth.query_param,
-        claim_headers: &gw.config.auth.forward_claims,
-    };
-    let request = upstream::build_request(&head, route, &fwd);
+    let request = upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
     let dial_started = Instant::now();
     let connected = match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
         Ok(c) => c,
@@ -229,6 +224,90 @@ pub async fn handle(gw: &Gateway, mut tcp: TcpStream, mut peer: SocketAddr, guar
     gw.metrics.protocol_connections.get_or_create(&[("protocol", protocol_label(protocol.as_deref()))]).inc();
 
     relay(gw, io, up, rest, up_rest, peer, route, &identity, source, guard).await;
+}
+
+fn forwarding<'a>(gw: &'a Gateway, io: &Io, peer: SocketAddr, identity: &'a Identity, no_extensions: bool) -> Forwarding<'a> {
+    Forwarding {
+        client_ip: peer.ip(),
+        tls: io.is_tls(),
+        identity,
+        cookie_name: &gw.config.auth.cookie_name,
+        query_param: &gw.config.auth.query_param,
+        claim_headers: &gw.config.auth.forward_claims,
+        no_extensions,
+    }
+}
+
+/// The CONNECT-password path applies when the upgrade carries no token, the client offers `mqtt`, and the
+/// setting (per route, else global) allows it.
+fn mqtt_password_applies(gw: &Gateway, head: &RequestHead, route: &Route) -> bool {
+    route.mqtt_connect_auth.unwrap_or(gw.config.auth.mqtt_connect_auth)
+        && head.values("Sec-WebSocket-Protocol").flat_map(|v| v.split(',')).any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+}
+
+/// Completes the client's handshake, reads and verifies the CONNECT password, then dials the upstream and relays
+/// the CONNECT and everything after it unchanged. Refusals are CONNACK "not authorized" then Close 1008.
+async fn mqtt_session(gw: &Gateway, mut io: Io, head: &RequestHead, rest: Vec<u8>, peer: SocketAddr, route: &Route, guard: ConnectionGuard) {
+    use tokio::io::AsyncWriteExt;
+    let started = Instant::now();
+    let key = head.single("Sec-WebSocket-Key").ok().flatten().unwrap_or_default();
+    let accept = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+        crate::upgrade::accept_key(key)
+    );
+    if io.write_all(accept.as_bytes()).await.is_err() || io.flush().await.is_err() {
+        return;
+    }
+    // Logs and counts a refusal; returns the frames that tell the client (CONNACK, then Close).
+    let refusal = |connack: Option<Vec<u8>>, code: u16, reason: &'static str, kind: &'static str, detail: String| {
+        gw.metrics.rejections.get_or_create(&[("status", "mqtt_connack")]).inc();
+        tracing::info!(event = "rejected", peer = %peer, status = 101, reason = kind, path = head.path(), route = %route.prefix,
+            close_code = code, detail = %detail, "MQTT CONNECT refused");
+        let mut out = connack.map(|c| crate::frame::encode(crate::frame::OP_BINARY, &c, None)).unwrap_or_default();
+        out.extend_from_slice(&crate::frame::close_frame(code, reason, None));
+        out
+    };
+    let (connect, raw) = match tokio::time::timeout(gw.config.timeouts.handshake, crate::mqtt::read_connect(&mut io, rest)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return send_and_close(&mut io, refusal(None, 1002, "expected MQTT CONNECT", "mqtt_malformed", e.to_string())).await,
+        Err(_) => return send_and_close(&mut io, refusal(None, 1008, "no CONNECT in time", "handshake_timeout", "timeout".into())).await,
+    };
+    let token = connect.password.as_deref().and_then(|p| std::str::from_utf8(p).ok()).filter(|t| !t.is_empty());
+    let verified = match token {
+        Some(t) => gw.verifier.verify(t).await,
+        None => Err(AuthError::Missing),
+    };
+    let identity = match verified {
+        Ok(i) => i,
+        Err(e) => {
+            gw.metrics.auth_failures.get_or_create(&[("reason", e.kind())]).inc();
+            let connack = crate::mqtt::connack_not_authorized(connect.level);
+            return send_and_close(&mut io, refusal(Some(connack), 1008, "not authorized", e.kind(), e.to_string())).await;
+        }
+    };
+    gw.metrics.auth_success.inc();
+    let request = upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));
+    let dial_started = Instant::now();
+    let connected = match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
+        Ok(c) => c,
+        Err(e) => {
+            gw.metrics.upstream_failures.get_or_create(&[("kind", e.kind())]).inc();
+            gw.metrics.proxy_errors.get_or_create(&[("kind", "upstream")]).inc();
+            let connack = crate::mqtt::connack_unavailable(connect.level);
+            return send_and_close(&mut io, refusal(Some(connack), 1014, "upstream unavailable", e.kind(), e.to_string())).await;
+        }
+    };
+    gw.metrics.upstream_dial_duration.observe(dial_started.elapsed().as_secs_f64());
+    gw.metrics.handshake_duration.observe(started.elapsed().as_secs_f64());
+    gw.metrics.protocol_connections.get_or_create(&[("protocol", "mqtt")]).inc();
+    relay(gw, io, connected.io, raw, connected.rest, peer, route, &identity, Source::MqttPassword, guard).await;
+}
+
+async fn send_and_close(io: &mut Io, bytes: Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let _ = io.write_all(&bytes).await;
+    let _ = io.flush().await;
+    let _ = io.shutdown().await;
 }
 
 /// Route-level checks, Origin, then the token.

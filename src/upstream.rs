@@ -55,6 +55,8 @@ pub struct Forwarding<'a> {
     pub query_param: &'a str,
     /// Header names of forwarded claims, stripped from the client's request.
     pub claim_headers: &'a [(String, String)],
+    /// Offer no extensions upstream (the gateway answered the client's handshake itself, without any).
+    pub no_extensions: bool,
 }
 
 /// The request to send upstream, and what checking its answer needs.
@@ -85,6 +87,7 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
     for h in &head.headers {
         let lower = h.name.to_ascii_lowercase();
         if DROPPED.contains(&lower.as_str())
+            || (fwd.no_extensions && lower == "sec-websocket-extensions")
             || listed_in_connection.contains(&lower)
             || fwd.claim_headers.iter().any(|(_, name)| name.eq_ignore_ascii_case(&lower))
         {
@@ -287,6 +290,7 @@ X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
             cookie_name: "session",
             query_param: "access_token",
             claim_headers: &[],
+            no_extensions: false,
         };
         let req = build_request(&head, &route, &fwd);
         let text = String::from_utf8(req.bytes).expect("utf8");

@@ -1,0 +1,326 @@
+//! The token in the MQTT CONNECT password: for clients (IoT, mobile, MQTT.js) that cannot put a token on the
+//! upgrade. The gateway completes the WebSocket handshake itself, reads the first frames (bounded in size and time),
+//! parses the MQTT 3.1, 3.1.1 or 5 CONNECT, and verifies its password as a JWT before anything reaches the upstream.
+//! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::frame::{self, OP_BINARY, OP_CONTINUATION};
+
+/// Largest CONNECT (and first frames) accepted.
+pub const MAX_CONNECT_BYTES: usize = 64 * 1024;
+
+/// The parts of a CONNECT the gateway uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    /// Protocol level: 3 (3.1), 4 (3.1.1) or 5.
+    pub level: u8,
+    /// The password field, if the password flag is set.
+    pub password: Option<Vec<u8>>,
+}
+
+/// Why the first frames are not an acceptable CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MqttError {
+    /// Not a CONNECT, or a CONNECT that breaks the spec.
+    #[error("malformed CONNECT: {0}")]
+    Malformed(&'static str),
+    /// Larger than [`MAX_CONNECT_BYTES`].
+    #[error("CONNECT too large")]
+    TooLarge,
+    /// A WebSocket frame the MQTT path does not accept before CONNECT.
+    #[error("unexpected WebSocket frame before CONNECT: {0}")]
+    Frame(&'static str),
+    /// The client went away.
+    #[error("client closed before CONNECT")]
+    Closed,
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MqttError> {
+        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or(MqttError::Malformed("truncated"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, MqttError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, MqttError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn binary(&mut self) -> Result<&'a [u8], MqttError> {
+        let n = usize::from(self.u16()?);
+        self.take(n)
+    }
+    fn varint(&mut self) -> Result<usize, MqttError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let b = self.u8()?;
+            value |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(MqttError::Malformed("variable byte integer longer than 4 bytes"))
+    }
+}
+
+/// Reads a variable byte integer at the start of `buf`: `Ok(None)` when more bytes are needed.
+fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, MqttError> {
+    let mut value = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(i) else { return Ok(None) };
+        value |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    Err(MqttError::Malformed("remaining length longer than 4 bytes"))
+}
+
+/// Parses a CONNECT at the start of the MQTT byte stream `buf`: `Ok(None)` while incomplete.
+///
+/// # Errors
+/// Anything but a well-formed CONNECT.
+pub fn parse_connect(buf: &[u8]) -> Result<Option<Connect>, MqttError> {
+    let Some(&first) = buf.first() else { return Ok(None) };
+    if first != 0x10 {
+        return Err(MqttError::Malformed("first packet is not CONNECT"));
+    }
+    let Some((len, len_bytes)) = remaining_length(&buf[1..])? else { return Ok(None) };
+    if len > MAX_CONNECT_BYTES {
+        return Err(MqttError::TooLarge);
+    }
+    let start = 1 + len_bytes;
+    if buf.len() < start + len {
+        return Ok(None);
+    }
+    let mut r = Reader { buf: &buf[start..start + len], pos: 0 };
+    let name = r.binary()?;
+    let level = r.u8()?;
+    match (name, level) {
+        (b"MQTT", 4 | 5) | (b"MQIsdp", 3) => {}
+        _ => return Err(MqttError::Malformed("unknown protocol name or level")),
+    }
+    let flags = r.u8()?;
+    if flags & 0x01 != 0 {
+        return Err(MqttError::Malformed("reserved flag set"));
+    }
+    let will = flags & 0x04 != 0;
+    if !will && flags & 0x38 != 0 {
+        return Err(MqttError::Malformed("will QoS/retain without will"));
+    }
+    if (flags >> 3) & 0x03 == 3 {
+        return Err(MqttError::Malformed("will QoS 3"));
+    }
+    let has_user = flags & 0x80 != 0;
+    let has_password = flags & 0x40 != 0;
+    if level < 5 && has_password && !has_user {
+        return Err(MqttError::Malformed("password without username"));
+    }
+    let _keep_alive = r.u16()?;
+    if level == 5 {
+        let n = r.varint()?;
+        r.take(n)?;
+    }
+    let _client_id = r.binary()?;
+    if will {
+        if level == 5 {
+            let n = r.varint()?;
+            r.take(n)?;
+        }
+        let _topic = r.binary()?;
+        let _payload = r.binary()?;
+    }
+    if has_user {
+        let _user = r.binary()?;
+    }
+    let password = if has_password { Some(r.binary()?.to_vec()) } else { None };
+    if r.pos != len {
+        return Err(MqttError::Malformed("trailing bytes in CONNECT"));
+    }
+    Ok(Some(Connect { level, password }))
+}
+
+/// CONNACK "not authorized": 3.1/3.1.1 return code 5, MQTT 5 reason code 0x87.
+#[must_use]
+pub fn connack_not_authorized(level: u8) -> Vec<u8> {
+    if level >= 5 {
+        vec![0x20, 0x03, 0x00, 0x87, 0x00]
+    } else {
+        vec![0x20, 0x02, 0x00, 0x05]
+    }
+}
+
+/// CONNACK "server unavailable": return code 3, MQTT 5 reason code 0x88.
+#[must_use]
+pub fn connack_unavailable(level: u8) -> Vec<u8> {
+    if level >= 5 {
+        vec![0x20, 0x03, 0x00, 0x88, 0x00]
+    } else {
+        vec![0x20, 0x02, 0x00, 0x03]
+    }
+}
+
+/// Reads WebSocket frames from the client until a complete CONNECT: returns it and every raw byte read (masked
+/// frames, as sent), which the caller forwards unchanged.
+///
+/// # Errors
+/// See [`MqttError`]; I/O errors count as [`MqttError::Closed`].
+pub async fn read_connect<R: AsyncRead + Unpin>(io: &mut R, mut raw: Vec<u8>) -> Result<(Connect, Vec<u8>), MqttError> {
+    let mut payload = Vec::new();
+    let mut parsed = 0;
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        while let Some((f, used)) = frame::decode(&raw[parsed..], MAX_CONNECT_BYTES).map_err(|_| MqttError::TooLarge)? {
+            parsed += used;
+            match f.opcode {
+                OP_BINARY | OP_CONTINUATION => payload.extend_from_slice(&f.payload),
+                frame::OP_CLOSE => return Err(MqttError::Closed),
+                _ => return Err(MqttError::Frame("only binary frames carry MQTT")),
+            }
+            if payload.len() > MAX_CONNECT_BYTES {
+                return Err(MqttError::TooLarge);
+            }
+            if let Some(c) = parse_connect(&payload)? {
+                return Ok((c, raw));
+            }
+        }
+        if raw.len() > MAX_CONNECT_BYTES + 14 {
+            return Err(MqttError::TooLarge);
+        }
+        let n = io.read(&mut chunk).await.map_err(|_| MqttError::Closed)?;
+        if n == 0 {
+            return Err(MqttError::Closed);
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(level: u8, user: Option<&[u8]>, password: Option<&[u8]>, will: bool) -> Vec<u8> {
+        let mut body = Vec::new();
+        let name: &[u8] = if level == 3 { b"MQIsdp" } else { b"MQTT" };
+        body.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        body.extend_from_slice(name);
+        body.push(level);
+        let mut flags = 0x02;
+        if will {
+            flags |= 0x04 | 0x08;
+        }
+        if user.is_some() {
+            flags |= 0x80;
+        }
+        if password.is_some() {
+            flags |= 0x40;
+        }
+        body.push(flags);
+        body.extend_from_slice(&60u16.to_be_bytes());
+        if level == 5 {
+            body.extend_from_slice(&[0x05, 0x11, 0, 0, 0, 10]); // session expiry interval property
+        }
+        let field = |b: &mut Vec<u8>, v: &[u8]| {
+            b.extend_from_slice(&(v.len() as u16).to_be_bytes());
+            b.extend_from_slice(v);
+        };
+        field(&mut body, b"client-1");
+        if will {
+            if level == 5 {
+                body.push(0);
+            }
+            field(&mut body, b"will/topic");
+            field(&mut body, b"gone");
+        }
+        if let Some(u) = user {
+            field(&mut body, u);
+        }
+        if let Some(p) = password {
+            field(&mut body, p);
+        }
+        let mut out = vec![0x10];
+        let mut len = body.len();
+        loop {
+            let mut b = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if len == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn parses_each_version_with_a_password() {
+        for level in [3, 4, 5] {
+            for will in [false, true] {
+                let bytes = connect(level, Some(b"any"), Some(b"a.b.c"), will);
+                let c = parse_connect(&bytes).expect("valid").expect("complete");
+                assert_eq!((c.level, c.password.as_deref()), (level, Some(&b"a.b.c"[..])));
+            }
+        }
+        let c = parse_connect(&connect(4, None, None, false)).expect("valid").expect("complete");
+        assert_eq!(c.password, None);
+        let c = parse_connect(&connect(5, None, Some(b"tok"), false)).expect("v5 password without user").expect("complete");
+        assert_eq!(c.password.as_deref(), Some(&b"tok"[..]));
+    }
+
+    #[test]
+    fn truncated_packets_ask_for_more_and_malformed_ones_fail() {
+        let bytes = connect(4, Some(b"u"), Some(&[b'x'; 300]), true);
+        for cut in 0..bytes.len() {
+            assert_eq!(parse_connect(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+        let mut wrong_type = bytes.clone();
+        wrong_type[0] = 0x30;
+        assert!(parse_connect(&wrong_type).is_err());
+        let mut reserved = connect(4, None, None, false);
+        reserved[9] |= 0x01;
+        assert!(parse_connect(&reserved).is_err());
+        let mut level = connect(4, None, None, false);
+        level[8] = 9;
+        assert!(parse_connect(&level).is_err());
+        assert!(parse_connect(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err(), "5-byte remaining length");
+        assert!(parse_connect(&connect(4, None, Some(b"p"), false)).is_err(), "3.1.1 password without username");
+        // The remaining length claims less than the fields need.
+        let mut short = connect(4, Some(b"u"), Some(b"p"), false);
+        short[1] -= 3;
+        assert!(parse_connect(&short).is_err());
+        // Field lengths running past the packet.
+        let mut overrun = connect(4, Some(b"u"), Some(b"p"), false);
+        let n = overrun.len();
+        overrun[n - 3] = 0xff;
+        assert!(parse_connect(&overrun).is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_connect_split_over_frames_and_keeps_the_raw_bytes() {
+        let packet = connect(4, Some(b"u"), Some(b"tok.en.x"), false);
+        let (a, b) = packet.split_at(10);
+        let mut wire = frame::encode(OP_BINARY, a, Some([1, 2, 3, 4]));
+        wire[0] &= 0x7f; // not FIN
+        wire.extend_from_slice(&frame::encode(OP_CONTINUATION, b, Some([5, 6, 7, 8])));
+        wire.extend_from_slice(&frame::encode(OP_BINARY, &[0xc0, 0x00], Some([9, 9, 9, 9]))); // PINGREQ after
+        let (first, rest) = wire.split_at(7);
+        let mut reader = rest;
+        let (c, raw) = read_connect(&mut reader, first.to_vec()).await.expect("connect");
+        assert_eq!(c.password.as_deref(), Some(&b"tok.en.x"[..]));
+        assert!(wire.starts_with(&raw), "raw bytes are forwarded unchanged");
+        let mut text = &frame::encode(0x1, b"x", Some([0; 4]))[..];
+        assert!(read_connect(&mut text, Vec::new()).await.is_err());
+    }
+}
