@@ -1,13 +1,24 @@
 import * as h from './harness.mjs';
-import { openRaw, connectPacket } from './rawws.mjs';
+import { chromium } from 'playwright-core';
+import http from 'node:http';
 const jwks = await h.startJwks(); const tls = await h.makeCert(); const b = await h.startMosquitto();
-const gw = await h.startGateway({jwks, tls, upstream:`ws://127.0.0.1:${b.wsPort}/ws`, origins:['http://127.0.0.1:5']});
-for (const headers of [{Cookie: `session=${jwks.mint()}`}, {Cookie: `session=${jwks.mint()}`, Origin: 'http://127.0.0.1:5'}, {Authorization: `Bearer ${jwks.mint()}`}]) {
-  try {
-    const r = await h.rawUpgrade(gw.port, '/mqtt', {...headers, 'Sec-WebSocket-Protocol': 'mqtt'});
-    console.log(Object.keys(headers), r.status);
-  } catch (e) { console.log('ERR', e.message); }
-}
+const srv = http.createServer((q, r) => { r.writeHead(200, {'content-type':'text/html'}); r.end('<html><body>x</body></html>'); });
+await new Promise(r => srv.listen(0, '127.0.0.1', r));
+const pport = srv.address().port;
+const gw = await h.startGateway({jwks, tls, upstream:`ws://127.0.0.1:${b.wsPort}/ws`, origins:[`http://127.0.0.1:${pport}`]});
+const extra = process.argv.slice(2);
+const ud = h.makeTempDir('ud');
+const ctx = await chromium.launchPersistentContext(ud, {ignoreHTTPSErrors:true, executablePath:'/usr/bin/chromium', args:['--no-sandbox','--disable-gpu','--disable-quic','--no-first-run','--disable-background-networking','--disable-component-update','--disable-sync', ...extra]});
+await ctx.addCookies([{name:'session', value:jwks.mint(), url:`https://127.0.0.1:${gw.port}`, sameSite: process.env.SS || 'None', secure:true}]);
+const page = await ctx.newPage();
+const cdp = await ctx.newCDPSession(page);
+await cdp.send('Network.enable');
+cdp.on('Network.requestWillBeSentExtraInfo', e => console.log('EXTRA', JSON.stringify(e.associatedCookies?.map(c => [c.cookie?.name, c.blockedReasons, c.exemptionReason])), Object.keys(e.headers).join(',')));
+cdp.on('Network.webSocketWillSendHandshakeRequest', e => console.log('WSHS', JSON.stringify(e.request.headers)));
+await page.goto(`http://127.0.0.1:${pport}/`);
+const res = await page.evaluate((u) => new Promise(res => { const w = new WebSocket(u, ['mqtt']); w.onopen = () => { res('open'); w.close(); }; w.onclose = e => res('close ' + e.code); }), `wss://127.0.0.1:${gw.port}/mqtt`);
+console.log(res);
 await h.sleep(300);
-console.log(gw.child.lines.slice(2).join('\n'));
-await h.stopAll(); await jwks.close();
+await ctx.close();
+console.log(gw.child.lines.filter(l => /rejected|session_end/.test(l)).map(l => { const j = JSON.parse(l); return j.event + ' ' + (j.reason ?? j.token_source) + ' ' + (j.status ?? ''); }).join('\n'));
+await h.stopAll(); await jwks.close(); srv.close();
