@@ -45,13 +45,15 @@ install_debian() {
     chmod 755 /usr/sbin/policy-rc.d
     own_policy=1
   fi
+  local aptlog rc=0
+  aptlog="$(mktemp)"
   log "apt-get update"
-  apt-get update -qq || true
-  log "apt-get install ${need_pkgs[*]}"
-  local rc=0
-  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" </dev/null || rc=$?
+  apt-get update -qq >"$aptlog" 2>&1 || log "apt-get update failed (continuing with the lists there are)"
+  log "apt-get install ${need_pkgs[*]} (log: $aptlog)"
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" </dev/null >>"$aptlog" 2>&1 || rc=$?
   if [[ $own_policy -eq 1 ]]; then rm -f /usr/sbin/policy-rc.d; fi
   if [[ $rc -ne 0 ]]; then
+    tail -n 40 "$aptlog" >&2
     log "apt-get install failed ($rc)"
     exit $rc
   fi
@@ -72,6 +74,13 @@ stop_system_brokers() {
       fi
       update-rc.d "$svc" disable >/dev/null 2>&1 || true
     fi
+  done
+  # rabbitmq-server's postinst starts an epmd (as user rabbitmq, on 0.0.0.0:4369) that no init system owns here.
+  # The tests run their own epmd on a private port; end the one the install left behind.
+  local pid
+  for pid in $(pgrep -u rabbitmq -x epmd 2>/dev/null); do
+    log "stopping the epmd (pid $pid) that the rabbitmq-server install started"
+    kill "$pid" 2>/dev/null || true
   done
 }
 

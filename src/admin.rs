@@ -34,14 +34,17 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>)
         let gw = Arc::clone(&gw);
         let extras = Arc::clone(&extras);
         tokio::spawn(async move {
-            let head = match tokio::time::timeout(Duration::from_secs(5), read_head(&mut tcp, MAX_HEAD)).await {
-                Ok(Ok(Ok(ReadHead::Complete(head, _)))) => head,
-                Ok(Ok(Err(e))) => {
-                    let _ = e.response().send(&mut tcp).await;
-                    return;
-                }
-                _ => return,
-            };
+            let head =
+                match tokio::time::timeout(Duration::from_secs(5), read_head(&mut tcp, MAX_HEAD))
+                    .await
+                {
+                    Ok(Ok(Ok(ReadHead::Complete(head, _)))) => head,
+                    Ok(Ok(Err(e))) => {
+                        let _ = e.response().send(&mut tcp).await;
+                        return;
+                    }
+                    _ => return,
+                };
             let (status, content_type, body) = answer(&gw, &extras, &head.method, head.path());
             let resp = Response::new(status, body);
             let _ = tcp.write_all(&resp.to_bytes(content_type)).await;
@@ -70,7 +73,11 @@ fn answer(gw: &Gateway, extras: &Extras, method: &str, path: &str) -> (u16, &'st
             if let Some(age) = gw.verifier.keys().age_seconds() {
                 gw.metrics.jwks_key_age.set(age);
             }
-            (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", gw.metrics.encode())
+            (
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                gw.metrics.encode(),
+            )
         }
         other => match extras.json.iter().find(|(p, _)| p == other) {
             Some((_, body)) => (200, "application/json", body.clone()),

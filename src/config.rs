@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use crate::auth::origin::OriginPolicy;
 use crate::auth::Algorithm;
-use crate::proxy_protocol::Cidr;
 use crate::net::WsUrl;
+use crate::proxy_protocol::Cidr;
 use crate::route::RouteTable;
 
 /// A configuration problem, naming the setting it is about.
@@ -33,7 +33,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(setting: &str, message: impl Into<String>) -> Self {
-        ConfigError { setting: setting.to_owned(), message: message.into() }
+        ConfigError {
+            setting: setting.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -44,7 +47,13 @@ pub struct CommaList(pub Vec<String>);
 impl FromStr for CommaList {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(CommaList(s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect()))
+        Ok(CommaList(
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
     }
 }
 
@@ -58,7 +67,12 @@ impl<'de> Deserialize<'de> for CommaList {
         }
         Ok(match Either::deserialize(d)? {
             Either::One(s) => s.parse().unwrap_or_default(),
-            Either::Many(v) => CommaList(v.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()),
+            Either::Many(v) => CommaList(
+                v.into_iter()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            ),
         })
     }
 }
@@ -79,7 +93,11 @@ pub enum LogFormat {
 /// Flag names are the kebab-case of the environment names and file keys their snake_case; the few historical
 /// short forms (`--listen`, `--tls-cert`) are the primary flags, with the long forms as aliases.
 #[derive(Debug, Default, Clone, Parser, Deserialize)]
-#[command(name = "ws-gateway", version, about = "A TLS edge for WebSocket traffic: JWT at the upgrade, Origin policy, raw relay.")]
+#[command(
+    name = "ws-gateway",
+    version,
+    about = "A TLS edge for WebSocket traffic: JWT at the upgrade, Origin policy, raw relay."
+)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// TOML configuration file.
@@ -98,22 +116,42 @@ pub struct Settings {
     pub dev: bool,
 
     /// Address of the WebSocket listener.
-    #[arg(long = "listen", visible_alias = "listen-addr", env = "LISTEN_ADDR", value_name = "ADDR")]
+    #[arg(
+        long = "listen",
+        visible_alias = "listen-addr",
+        env = "LISTEN_ADDR",
+        value_name = "ADDR"
+    )]
     #[serde(alias = "listen")]
     pub listen_addr: Option<SocketAddr>,
 
     /// Address of the admin listener (/healthz, /readyz, /metrics).
-    #[arg(long = "admin-listen", visible_alias = "admin-listen-addr", env = "ADMIN_LISTEN_ADDR", value_name = "ADDR")]
+    #[arg(
+        long = "admin-listen",
+        visible_alias = "admin-listen-addr",
+        env = "ADMIN_LISTEN_ADDR",
+        value_name = "ADDR"
+    )]
     #[serde(alias = "admin_listen")]
     pub admin_listen_addr: Option<SocketAddr>,
 
     /// PEM certificate chain; with --tls-key the gateway terminates TLS, without both it serves plain HTTP.
-    #[arg(long = "tls-cert", visible_alias = "tls-cert-file", env = "TLS_CERT_FILE", value_name = "FILE")]
+    #[arg(
+        long = "tls-cert",
+        visible_alias = "tls-cert-file",
+        env = "TLS_CERT_FILE",
+        value_name = "FILE"
+    )]
     #[serde(alias = "tls_cert")]
     pub tls_cert_file: Option<PathBuf>,
 
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    #[arg(long = "tls-key", visible_alias = "tls-key-file", env = "TLS_KEY_FILE", value_name = "FILE")]
+    #[arg(
+        long = "tls-key",
+        visible_alias = "tls-key-file",
+        env = "TLS_KEY_FILE",
+        value_name = "FILE"
+    )]
     #[serde(alias = "tls_key")]
     pub tls_key_file: Option<PathBuf>,
 
@@ -258,7 +296,9 @@ impl Settings {
     /// # Errors
     /// The file cannot be read, is not TOML, has an unknown key or a value of the wrong type.
     pub fn with_file(self) -> Result<Settings, ConfigError> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
         let file = Settings::from_file(&path)?;
         Ok(self.merge(file))
     }
@@ -269,8 +309,10 @@ impl Settings {
     /// As for [`Settings::with_file`].
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
         let setting = format!("config file {}", path.display());
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&setting, e.to_string()))?;
-        toml::from_str(&text).map_err(|e| ConfigError::new(&setting, e.to_string().trim_end().to_owned()))
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::new(&setting, e.to_string()))?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::new(&setting, e.to_string().trim_end().to_owned()))
     }
 
     /// `self` (flags and environment) wins over `file` field by field.
@@ -318,7 +360,10 @@ impl Settings {
             .upstream_ws_url
             .as_deref()
             .filter(|s| !s.is_empty())
-            .map(|u| WsUrl::parse_ws(u).map_err(|e| ConfigError::new("UPSTREAM_WS_URL (--upstream-ws-url)", e)))
+            .map(|u| {
+                WsUrl::parse_ws(u)
+                    .map_err(|e| ConfigError::new("UPSTREAM_WS_URL (--upstream-ws-url)", e))
+            })
             .transpose()?;
         let routes = match &self.route_file {
             Some(path) => RouteTable::from_file(path, fallback)
@@ -332,22 +377,26 @@ impl Settings {
             ));
         }
         if let Some(ca) = &self.upstream_ca_file {
-            crate::tls::load_ca_file(ca).map_err(|e| ConfigError::new("UPSTREAM_CA_FILE (--upstream-ca-file)", e))?;
+            crate::tls::load_ca_file(ca)
+                .map_err(|e| ConfigError::new("UPSTREAM_CA_FILE (--upstream-ca-file)", e))?;
         }
         if let Some(ca) = &self.jwks_ca_file {
-            crate::tls::load_ca_file(ca).map_err(|e| ConfigError::new("JWKS_CA_FILE (--jwks-ca-file)", e))?;
+            crate::tls::load_ca_file(ca)
+                .map_err(|e| ConfigError::new("JWKS_CA_FILE (--jwks-ca-file)", e))?;
         }
 
-        let jwks_url = match self.jwks_url.as_deref().filter(|s| !s.is_empty()) {
-            Some(u) => Some(crate::net::Url::parse_http(u).map_err(|e| ConfigError::new("JWKS_URL (--jwks-url)", e))?),
-            None if self.dev => None,
-            None => {
-                return Err(ConfigError::new(
+        let jwks_url =
+            match self.jwks_url.as_deref().filter(|s| !s.is_empty()) {
+                Some(u) => Some(
+                    crate::net::Url::parse_http(u)
+                        .map_err(|e| ConfigError::new("JWKS_URL (--jwks-url)", e))?,
+                ),
+                None if self.dev => None,
+                None => return Err(ConfigError::new(
                     "JWKS_URL (--jwks-url)",
                     "required: every upgrade is authenticated against the identity provider's JWKS",
-                ))
-            }
-        };
+                )),
+            };
 
         let algorithms = match self.jwt_valid_algorithms {
             Some(list) if !list.0.is_empty() => list
@@ -355,7 +404,9 @@ impl Settings {
                 .iter()
                 .map(|a| a.parse::<Algorithm>())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ConfigError::new("JWT_VALID_ALGORITHMS (--jwt-valid-algorithms)", e))?,
+                .map_err(|e| {
+                    ConfigError::new("JWT_VALID_ALGORITHMS (--jwt-valid-algorithms)", e)
+                })?,
             _ => vec![Algorithm::RS256],
         };
 
@@ -373,11 +424,19 @@ impl Settings {
 
         let cookie_name = self.jwt_cookie_name.unwrap_or_else(|| "session".to_owned());
         if !is_token(&cookie_name) {
-            return Err(ConfigError::new("JWT_COOKIE_NAME (--jwt-cookie-name)", "not a valid cookie name"));
+            return Err(ConfigError::new(
+                "JWT_COOKIE_NAME (--jwt-cookie-name)",
+                "not a valid cookie name",
+            ));
         }
-        let query_param = self.jwt_query_param.unwrap_or_else(|| "access_token".to_owned());
+        let query_param = self
+            .jwt_query_param
+            .unwrap_or_else(|| "access_token".to_owned());
         if query_param.is_empty() || query_param.contains(['&', '=', '#', ' ']) {
-            return Err(ConfigError::new("JWT_QUERY_PARAM (--jwt-query-param)", "not a valid query parameter name"));
+            return Err(ConfigError::new(
+                "JWT_QUERY_PARAM (--jwt-query-param)",
+                "not a valid query parameter name",
+            ));
         }
 
         let trusted_proxies = self
@@ -387,7 +446,12 @@ impl Settings {
             .iter()
             .map(|c| c.parse::<Cidr>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::new("PROXY_PROTOCOL_TRUSTED_CIDRS (--proxy-protocol-trusted-cidrs)", e))?;
+            .map_err(|e| {
+                ConfigError::new(
+                    "PROXY_PROTOCOL_TRUSTED_CIDRS (--proxy-protocol-trusted-cidrs)",
+                    e,
+                )
+            })?;
         let proxy_protocol = self.proxy_protocol.unwrap_or(false);
         if proxy_protocol && trusted_proxies.is_empty() {
             return Err(ConfigError::new(
@@ -397,7 +461,8 @@ impl Settings {
         }
 
         if let Some(url) = self.redis_url.as_deref().filter(|s| !s.is_empty()) {
-            check_scheme(url, &["redis", "rediss"]).map_err(|e| ConfigError::new("REDIS_URL (--redis-url)", e))?;
+            check_scheme(url, &["redis", "rediss"])
+                .map_err(|e| ConfigError::new("REDIS_URL (--redis-url)", e))?;
         }
         if let Some(dsn) = self.postgres_dsn.as_deref().filter(|s| !s.is_empty()) {
             if !dsn.contains('=') {
@@ -406,15 +471,19 @@ impl Settings {
             }
         }
 
-        let seconds = |v: Option<u64>, default: u64, setting: &str| -> Result<Duration, ConfigError> {
-            match v.unwrap_or(default) {
-                0 => Err(ConfigError::new(setting, "must be at least 1")),
-                s => Ok(Duration::from_secs(s)),
-            }
-        };
+        let seconds =
+            |v: Option<u64>, default: u64, setting: &str| -> Result<Duration, ConfigError> {
+                match v.unwrap_or(default) {
+                    0 => Err(ConfigError::new(setting, "must be at least 1")),
+                    s => Ok(Duration::from_secs(s)),
+                }
+            };
         let max_connections = self.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
-            return Err(ConfigError::new("MAX_CONNECTIONS (--max-connections)", "must be at least 1"));
+            return Err(ConfigError::new(
+                "MAX_CONNECTIONS (--max-connections)",
+                "must be at least 1",
+            ));
         }
         let max_head = self.max_request_head_bytes.unwrap_or(16 * 1024);
         if !(1024..=1024 * 1024).contains(&max_head) {
@@ -425,15 +494,29 @@ impl Settings {
         }
         let max_token = self.jwt_max_token_bytes.unwrap_or(8 * 1024);
         if !(256..=64 * 1024).contains(&max_token) {
-            return Err(ConfigError::new("JWT_MAX_TOKEN_BYTES (--jwt-max-token-bytes)", "must be between 256 and 65536"));
+            return Err(ConfigError::new(
+                "JWT_MAX_TOKEN_BYTES (--jwt-max-token-bytes)",
+                "must be between 256 and 65536",
+            ));
         }
 
-        let default_listen = if self.dev { "127.0.0.1:8443" } else { "0.0.0.0:8080" };
-        let default_admin = if self.dev { "127.0.0.1:9090" } else { "127.0.0.1:9090" };
-        let listen = self.listen_addr.unwrap_or_else(|| parse_addr(default_listen));
-        let admin_listen = self.admin_listen_addr.unwrap_or_else(|| parse_addr(default_admin));
+        let default_listen = if self.dev {
+            "127.0.0.1:8443"
+        } else {
+            "0.0.0.0:8080"
+        };
+        let default_admin = "127.0.0.1:9090";
+        let listen = self
+            .listen_addr
+            .unwrap_or_else(|| parse_addr(default_listen));
+        let admin_listen = self
+            .admin_listen_addr
+            .unwrap_or_else(|| parse_addr(default_admin));
         if self.dev && !(listen.ip().is_loopback() && admin_listen.ip().is_loopback()) {
-            return Err(ConfigError::new("LISTEN_ADDR (--listen)", "--dev listens on loopback addresses only"));
+            return Err(ConfigError::new(
+                "LISTEN_ADDR (--listen)",
+                "--dev listens on loopback addresses only",
+            ));
         }
 
         Ok(Config {
@@ -443,14 +526,26 @@ impl Settings {
             routes,
             upstream_ca_file: self.upstream_ca_file,
             timeouts: Timeouts {
-                dial: seconds(self.upstream_dial_timeout_seconds, 5, "UPSTREAM_DIAL_TIMEOUT_SECONDS")?,
-                idle: seconds(self.ws_idle_timeout_seconds, 60, "WS_IDLE_TIMEOUT_SECONDS (--ws-idle-timeout-seconds)")?,
+                dial: seconds(
+                    self.upstream_dial_timeout_seconds,
+                    5,
+                    "UPSTREAM_DIAL_TIMEOUT_SECONDS",
+                )?,
+                idle: seconds(
+                    self.ws_idle_timeout_seconds,
+                    60,
+                    "WS_IDLE_TIMEOUT_SECONDS (--ws-idle-timeout-seconds)",
+                )?,
                 write: seconds(
                     self.ws_write_timeout_seconds,
                     10,
                     "WS_WRITE_TIMEOUT_SECONDS (--ws-write-timeout-seconds)",
                 )?,
-                handshake: seconds(self.handshake_timeout_seconds, 10, "HANDSHAKE_TIMEOUT_SECONDS")?,
+                handshake: seconds(
+                    self.handshake_timeout_seconds,
+                    10,
+                    "HANDSHAKE_TIMEOUT_SECONDS",
+                )?,
                 drain: Duration::from_secs(self.graceful_drain_timeout_seconds.unwrap_or(30)),
             },
             max_connections,
@@ -458,8 +553,14 @@ impl Settings {
             auth: AuthSettings {
                 jwks_url,
                 jwks_ttl: Duration::from_secs(60 * self.jwks_ttl_minutes.unwrap_or(10).max(1)),
-                jwks_refetch_interval: Duration::from_secs(self.jwks_refetch_interval_seconds.unwrap_or(10)),
-                jwks_fetch_timeout: seconds(self.jwks_fetch_timeout_seconds, 5, "JWKS_FETCH_TIMEOUT_SECONDS")?,
+                jwks_refetch_interval: Duration::from_secs(
+                    self.jwks_refetch_interval_seconds.unwrap_or(10),
+                ),
+                jwks_fetch_timeout: seconds(
+                    self.jwks_fetch_timeout_seconds,
+                    5,
+                    "JWKS_FETCH_TIMEOUT_SECONDS",
+                )?,
                 jwks_ca_file: self.jwks_ca_file,
                 issuer: self.jwt_expected_issuer.filter(|s| !s.is_empty()),
                 audiences: self.jwt_expected_audience.unwrap_or_default().0,
@@ -485,24 +586,32 @@ impl Settings {
 
 fn parse_addr(s: &str) -> SocketAddr {
     // Invariant: only called with the literal defaults above, which are valid socket addresses.
-    s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
 }
 
 fn check_scheme(url: &str, schemes: &[&str]) -> Result<(), String> {
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme {
         Some(s) if schemes.contains(&s.as_str()) => Ok(()),
-        _ => Err(format!("expected a URL starting with {}://", schemes.join(":// or "))),
+        _ => Err(format!(
+            "expected a URL starting with {}://",
+            schemes.join(":// or ")
+        )),
     }
 }
 
 /// RFC 9110 token characters, used for cookie and header names.
 pub(crate) fn is_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn parse_claim_header(pair: &str) -> Result<(String, String), String> {
-    let (claim, header) = pair.split_once('=').ok_or_else(|| format!("`{pair}` is not claim=Header-Name"))?;
+    let (claim, header) = pair
+        .split_once('=')
+        .ok_or_else(|| format!("`{pair}` is not claim=Header-Name"))?;
     let (claim, header) = (claim.trim(), header.trim());
     if claim.is_empty() || !is_token(header) {
         return Err(format!("`{pair}` is not claim=Header-Name"));
@@ -633,7 +742,12 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_file_over_defaults() {
-        let flags = parse(&["--ws-idle-timeout-seconds", "7", "--jwks-url", "http://127.0.0.1:1/jwks"]);
+        let flags = parse(&[
+            "--ws-idle-timeout-seconds",
+            "7",
+            "--jwks-url",
+            "http://127.0.0.1:1/jwks",
+        ]);
         let file: Settings = toml::from_str(
             "ws_idle_timeout_seconds = 99\nws_write_timeout_seconds = 3\nupstream_ws_url = \"ws://127.0.0.1:9/\"",
         )
@@ -654,44 +768,72 @@ mod tests {
 
     #[test]
     fn bad_file_value_is_named() {
-        let err = toml::from_str::<Settings>("ws_idle_timeout_seconds = \"soon\"").expect_err("bad type");
+        let err =
+            toml::from_str::<Settings>("ws_idle_timeout_seconds = \"soon\"").expect_err("bad type");
         assert!(err.to_string().contains("ws_idle_timeout_seconds"), "{err}");
     }
 
     #[test]
     fn only_one_tls_file_is_an_error() {
-        let err = parse(&["--tls-cert", "/x.pem", "--upstream-ws-url", "ws://a/", "--jwks-url", "http://a/"])
-            .resolve()
-            .expect_err("one file");
+        let err = parse(&[
+            "--tls-cert",
+            "/x.pem",
+            "--upstream-ws-url",
+            "ws://a/",
+            "--jwks-url",
+            "http://a/",
+        ])
+        .resolve()
+        .expect_err("one file");
         assert!(err.setting.contains("TLS_KEY_FILE"), "{err}");
     }
 
     #[test]
     fn missing_jwks_url_is_an_error() {
-        let err = parse(&["--upstream-ws-url", "ws://a/"]).resolve().expect_err("no jwks");
+        let err = parse(&["--upstream-ws-url", "ws://a/"])
+            .resolve()
+            .expect_err("no jwks");
         assert!(err.setting.contains("JWKS_URL"), "{err}");
     }
 
     #[test]
     fn comma_lists_from_string_or_array() {
-        let s: Settings = toml::from_str("ws_allowed_origins = [\"https://a.example\", \" https://b.example \"]\n")
-            .expect("array");
-        assert_eq!(s.ws_allowed_origins.expect("set").0, vec!["https://a.example", "https://b.example"]);
+        let s: Settings = toml::from_str(
+            "ws_allowed_origins = [\"https://a.example\", \" https://b.example \"]\n",
+        )
+        .expect("array");
+        assert_eq!(
+            s.ws_allowed_origins.expect("set").0,
+            vec!["https://a.example", "https://b.example"]
+        );
         let s: Settings = toml::from_str("jwt_expected_audience = \"a, b,,c\"\n").expect("string");
         assert_eq!(s.jwt_expected_audience.expect("set").0, vec!["a", "b", "c"]);
     }
 
     #[test]
     fn hs256_is_refused_as_a_setting() {
-        let err = parse(&["--upstream-ws-url", "ws://a/", "--jwks-url", "http://a/", "--jwt-valid-algorithms", "HS256"])
-            .resolve()
-            .expect_err("hs256");
+        let err = parse(&[
+            "--upstream-ws-url",
+            "ws://a/",
+            "--jwks-url",
+            "http://a/",
+            "--jwt-valid-algorithms",
+            "HS256",
+        ])
+        .resolve()
+        .expect_err("hs256");
         assert!(err.setting.contains("JWT_VALID_ALGORITHMS"), "{err}");
     }
 
     #[test]
     fn boolish_flags() {
-        assert_eq!(parse(&["--ws-require-origin"]).ws_require_origin, Some(true));
-        assert_eq!(parse(&["--ws-require-origin", "false"]).ws_require_origin, Some(false));
+        assert_eq!(
+            parse(&["--ws-require-origin"]).ws_require_origin,
+            Some(true)
+        );
+        assert_eq!(
+            parse(&["--ws-require-origin", "false"]).ws_require_origin,
+            Some(false)
+        );
     }
 }

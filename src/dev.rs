@@ -38,7 +38,9 @@ pub struct DevKey {
 
 impl std::fmt::Debug for DevKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("DevKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,9 +51,15 @@ impl DevKey {
     /// ring fails to generate or load the key.
     pub fn generate(kid: &str) -> Result<DevKey, String> {
         let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map_err(|e| e.to_string())?;
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).map_err(|e| e.to_string())?;
-        Ok(DevKey { pair, rng, kid: kid.to_owned() })
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|e| e.to_string())?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .map_err(|e| e.to_string())?;
+        Ok(DevKey {
+            pair,
+            rng,
+            kid: kid.to_owned(),
+        })
     }
 
     /// The JWKS document with this key.
@@ -72,8 +80,15 @@ impl DevKey {
     /// ring fails to sign.
     pub fn sign(&self, claims: &serde_json::Value) -> Result<String, String> {
         let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": self.kid});
-        let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
-        let sig = self.pair.sign(&self.rng, input.as_bytes()).map_err(|e| e.to_string())?;
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let sig = self
+            .pair
+            .sign(&self.rng, input.as_bytes())
+            .map_err(|e| e.to_string())?;
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
     }
 
@@ -107,7 +122,12 @@ pub struct DevSetup {
 /// # Errors
 /// Key generation or binding the echo listener fails.
 pub async fn prepare(config: &mut Config, admin: SocketAddr) -> Result<DevSetup, String> {
-    let mut setup = DevSetup { jwks: None, token: None, ca_file: None, echo: None };
+    let mut setup = DevSetup {
+        jwks: None,
+        token: None,
+        ca_file: None,
+        echo: None,
+    };
     if config.auth.jwks_url.is_none() {
         let key = DevKey::generate("dev")?;
         config.auth.jwks_url = Some(Url::parse_http(&format!("http://{admin}{JWKS_PATH}"))?);
@@ -122,14 +142,23 @@ pub async fn prepare(config: &mut Config, admin: SocketAddr) -> Result<DevSetup,
         setup.jwks = Some((JWKS_PATH.to_owned(), key.jwks()));
     }
     if config.auth.origins.is_empty() {
-        let local = ["http://localhost:*", "https://localhost:*", "http://127.0.0.1:*", "https://127.0.0.1:*"];
+        let local = [
+            "http://localhost:*",
+            "https://localhost:*",
+            "http://127.0.0.1:*",
+            "https://127.0.0.1:*",
+        ];
         config.auth.origins = OriginPolicy::parse(&local.map(str::to_owned))?;
     }
     if config.routes.is_empty() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         tokio::spawn(echo_server(listener));
-        config.routes.set_fallback_if_empty(Url::parse_ws(&format!("ws://{addr}"))?);
+        config
+            .routes
+            .set_fallback_if_empty(Url::parse_ws(&format!("ws://{addr}"))?);
         setup.echo = Some(addr);
     }
     Ok(setup)
@@ -138,29 +167,57 @@ pub async fn prepare(config: &mut Config, admin: SocketAddr) -> Result<DevSetup,
 /// The banner printed at start: a loud warning, the token and a copy-paste client command.
 #[must_use]
 pub fn banner(config: &Config, setup: &DevSetup) -> String {
-    let scheme = if config.tls.is_some() || setup.ca_file.is_some() { "wss" } else { "ws" };
+    let scheme = if config.tls.is_some() || setup.ca_file.is_some() {
+        "wss"
+    } else {
+        "ws"
+    };
     let url = format!("{scheme}://localhost:{}/", config.listen.port());
     let mut out = String::new();
-    out.push_str("\n==================================================================================\n");
+    out.push_str(
+        "\n==================================================================================\n",
+    );
     out.push_str(" WARNING: ws-gateway is running in --dev mode. It is INSECURE: self-signed\n");
-    out.push_str(" certificate, a throwaway signing key, an echo upstream. Never use it in production.\n");
-    out.push_str("==================================================================================\n");
+    out.push_str(
+        " certificate, a throwaway signing key, an echo upstream. Never use it in production.\n",
+    );
+    out.push_str(
+        "==================================================================================\n",
+    );
     out.push_str(&format!(" WebSocket URL:  {url}\n"));
-    out.push_str(&format!(" Admin:          http://{}/healthz  /readyz  /metrics\n", config.admin_listen));
+    out.push_str(&format!(
+        " Admin:          http://{}/healthz  /readyz  /metrics\n",
+        config.admin_listen
+    ));
     if let Some((path, _)) = &setup.jwks {
-        out.push_str(&format!(" Dev JWKS:       http://{}{path}\n", config.admin_listen));
+        out.push_str(&format!(
+            " Dev JWKS:       http://{}{path}\n",
+            config.admin_listen
+        ));
     }
     if let Some(echo) = setup.echo {
         out.push_str(&format!(" Echo upstream:  ws://{echo}/\n"));
     }
     if let Some(token) = &setup.token {
-        out.push_str(&format!("\n Dev token (sub=dev-user, valid 8 h):\n\n   {token}\n"));
-        let ca = setup.ca_file.as_ref().map(|p| format!(" --ca {}", p.display())).unwrap_or_default();
+        out.push_str(&format!(
+            "\n Dev token (sub=dev-user, valid 8 h):\n\n   {token}\n"
+        ));
+        let ca = setup
+            .ca_file
+            .as_ref()
+            .map(|p| format!(" --ca {}", p.display()))
+            .unwrap_or_default();
         out.push_str("\n Try it (from the repository):\n\n");
-        out.push_str(&format!("   cargo run --example client --{ca} {url} {token} 'hello'\n"));
-        out.push_str(&format!("\n or with websocat:\n\n   websocat -k -H 'Authorization: Bearer {token}' {url}\n"));
+        out.push_str(&format!(
+            "   cargo run --example client --{ca} {url} {token} 'hello'\n"
+        ));
+        out.push_str(&format!(
+            "\n or with websocat:\n\n   websocat -k -H 'Authorization: Bearer {token}' {url}\n"
+        ));
     }
-    out.push_str("==================================================================================\n");
+    out.push_str(
+        "==================================================================================\n",
+    );
     out
 }
 
@@ -180,11 +237,22 @@ async fn echo(mut tcp: TcpStream) -> std::io::Result<()> {
         _ => return Ok(()),
     };
     if check_upgrade(&head).is_err() {
-        tcp.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await?;
+        tcp.write_all(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
         return Ok(());
     }
-    let key = head.single("Sec-WebSocket-Key").ok().flatten().unwrap_or_default();
-    let protocol = head.values("Sec-WebSocket-Protocol").flat_map(|v| v.split(',')).map(str::trim).find(|p| !p.is_empty());
+    let key = head
+        .single("Sec-WebSocket-Key")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let protocol = head
+        .values("Sec-WebSocket-Protocol")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| !p.is_empty());
     let mut resp = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         accept_key(key)
@@ -196,13 +264,16 @@ async fn echo(mut tcp: TcpStream) -> std::io::Result<()> {
     tcp.write_all(resp.as_bytes()).await?;
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        while let Some((f, used)) = frame::decode(&buf, 64 << 20).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))? {
+        while let Some((f, used)) = frame::decode(&buf, 64 << 20)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+        {
             buf.drain(..used);
             let reply = match f.opcode {
                 OP_PING => frame::encode(OP_PONG, &f.payload, None),
                 OP_PONG => continue,
                 OP_CLOSE => {
-                    tcp.write_all(&frame::encode(OP_CLOSE, &f.payload, None)).await?;
+                    tcp.write_all(&frame::encode(OP_CLOSE, &f.payload, None))
+                        .await?;
                     return Ok(());
                 }
                 op => {

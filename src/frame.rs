@@ -51,7 +51,8 @@ impl FrameTracker {
         let mut last = None;
         while !chunk.is_empty() {
             if self.remaining > 0 {
-                let take = usize::try_from(self.remaining).map_or(chunk.len(), |r| r.min(chunk.len()));
+                let take =
+                    usize::try_from(self.remaining).map_or(chunk.len(), |r| r.min(chunk.len()));
                 self.remaining -= take as u64;
                 chunk = &chunk[take..];
                 if self.remaining == 0 {
@@ -183,7 +184,10 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usize)>, 
         return Err("reserved bits set");
     }
     let len = payload_len(&buf[..hlen]);
-    let len = usize::try_from(len).ok().filter(|l| *l <= max_payload).ok_or("frame too large")?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|l| *l <= max_payload)
+        .ok_or("frame too large")?;
     if buf.len() < hlen + len {
         return Ok(None);
     }
@@ -194,7 +198,14 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Frame, usize)>, 
             *b ^= key[i % 4];
         }
     }
-    Ok(Some((Frame { fin: buf[0] & 0x80 != 0, opcode: buf[0] & 0x0f, payload }, hlen + len)))
+    Ok(Some((
+        Frame {
+            fin: buf[0] & 0x80 != 0,
+            opcode: buf[0] & 0x0f,
+            payload,
+        },
+        hlen + len,
+    )))
 }
 
 #[cfg(test)]
@@ -250,7 +261,10 @@ mod tests {
             t.feed(&bytes[pos..pos + n]);
             pos += n;
             // No frame end lies strictly inside a step.
-            assert!(!ends.iter().any(|e| *e > before && *e < pos), "{before}..{pos}");
+            assert!(
+                !ends.iter().any(|e| *e > before && *e < pos),
+                "{before}..{pos}"
+            );
         }
         assert!(t.at_boundary());
     }

@@ -77,7 +77,11 @@ pub enum Exit {
 ///
 /// # Errors
 /// TLS material that does not load, `--dev` setup, or signal registration.
-pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) -> Result<Exit, StartError> {
+pub async fn run(
+    mut config: Config,
+    listener: TcpListener,
+    admin: TcpListener,
+) -> Result<Exit, StartError> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -90,13 +94,22 @@ pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) 
 
     let mut dev_setup = None;
     if config.dev {
-        dev_setup = Some(dev::prepare(&mut config, admin_addr).await.map_err(StartError::Dev)?);
+        dev_setup = Some(
+            dev::prepare(&mut config, admin_addr)
+                .await
+                .map_err(StartError::Dev)?,
+        );
     }
     let cert = match (&config.tls, config.dev) {
-        (Some(files), _) => Some(tls::ReloadableCert::from_files(&files.cert, &files.key).map_err(|e| StartError::Tls(e.to_string()))?),
+        (Some(files), _) => Some(
+            tls::ReloadableCert::from_files(&files.cert, &files.key)
+                .map_err(|e| StartError::Tls(e.to_string()))?,
+        ),
         (None, true) => {
-            let (ck, pem) = tls::self_signed(&["localhost", "127.0.0.1"]).map_err(StartError::Dev)?;
-            let path = std::env::temp_dir().join(format!("ws-gateway-dev-{}.pem", std::process::id()));
+            let (ck, pem) =
+                tls::self_signed(&["localhost", "127.0.0.1"]).map_err(StartError::Dev)?;
+            let path =
+                std::env::temp_dir().join(format!("ws-gateway-dev-{}.pem", std::process::id()));
             std::fs::write(&path, pem).map_err(|e| StartError::Dev(e.to_string()))?;
             if let Some(s) = dev_setup.as_mut() {
                 s.ca_file = Some(path);
@@ -106,11 +119,15 @@ pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) 
         (None, false) => None,
     };
     let acceptor = match &cert {
-        Some(c) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(Arc::clone(c)).map_err(StartError::Tls)?)),
+        Some(c) => Some(tokio_rustls::TlsAcceptor::from(
+            tls::server_config(Arc::clone(c)).map_err(StartError::Tls)?,
+        )),
         None => None,
     };
-    let upstream_tls = tls::client_config(config.upstream_ca_file.as_deref()).map_err(StartError::Tls)?;
-    let jwks_tls = tls::client_config(config.auth.jwks_ca_file.as_deref()).map_err(StartError::Tls)?;
+    let upstream_tls =
+        tls::client_config(config.upstream_ca_file.as_deref()).map_err(StartError::Tls)?;
+    let jwks_tls =
+        tls::client_config(config.auth.jwks_ca_file.as_deref()).map_err(StartError::Tls)?;
     let Some(jwks_url) = config.auth.jwks_url.clone() else {
         return Err(StartError::Dev("no JWKS_URL".into()));
     };
@@ -122,13 +139,19 @@ pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) 
         config.auth.jwks_refetch_interval,
         Arc::clone(&metrics),
     ));
-    let verifier = Arc::new(auth::jwt::Verifier::new(auth::jwt::Policy::from_settings(&config.auth), Arc::clone(&cache)));
+    let verifier = Arc::new(auth::jwt::Verifier::new(
+        auth::jwt::Policy::from_settings(&config.auth),
+        Arc::clone(&cache),
+    ));
 
     if config.auth.origins.is_empty() {
         tracing::warn!(event = "origins_unset", "WS_ALLOWED_ORIGINS is not set: every request that carries an Origin (all browsers) is refused");
     }
     if config.redis_url.is_some() || config.postgres_dsn.is_some() {
-        tracing::info!(event = "reserved_settings", "REDIS_URL / POSTGRES_DSN accepted; revocation is not implemented yet");
+        tracing::info!(
+            event = "reserved_settings",
+            "REDIS_URL / POSTGRES_DSN accepted; revocation is not implemented yet"
+        );
     }
 
     let gw = Arc::new(server::Gateway {
@@ -140,12 +163,20 @@ pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) 
         registry: Arc::new(registry::Registry::default()),
         signal: drain.signal(),
     });
-    let extras = Arc::new(admin::Extras { json: dev_setup.as_ref().and_then(|d| d.jwks.clone()).into_iter().collect() });
+    let extras = Arc::new(admin::Extras {
+        json: dev_setup
+            .as_ref()
+            .and_then(|d| d.jwks.clone())
+            .into_iter()
+            .collect(),
+    });
     tokio::spawn(admin::serve(admin, Arc::clone(&gw), extras));
     tokio::spawn(Arc::clone(&cache).run());
     if let Some(cert) = &cert {
         let m = Arc::clone(&metrics);
-        tokio::spawn(Arc::clone(cert).watch(Duration::from_secs(2), move |r| report_reload(&m, r, "file_change")));
+        tokio::spawn(Arc::clone(cert).watch(Duration::from_secs(2), move |r| {
+            report_reload(&m, r, "file_change")
+        }));
     }
     tokio::spawn(server::serve(listener, Arc::clone(&gw), drain.guards()));
 
@@ -167,8 +198,12 @@ pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) 
         }
     }
     metrics.draining.set(1);
-    tracing::info!(event = "drain_started", grace_seconds = config.timeouts.drain.as_secs(), sessions = gw.registry.len(),
-        "signal received: readiness is 503, listener closing, sessions draining");
+    tracing::info!(
+        event = "drain_started",
+        grace_seconds = config.timeouts.drain.as_secs(),
+        sessions = gw.registry.len(),
+        "signal received: readiness is 503, listener closing, sessions draining"
+    );
     let close_grace = config.timeouts.write.min(Duration::from_secs(5)) + Duration::from_secs(1);
     let exit = tokio::select! {
         done = drain.run(config.timeouts.drain, close_grace) => if done { Exit::Drained } else { Exit::DeadlinePassed },
@@ -179,15 +214,29 @@ pub async fn run(mut config: Config, listener: TcpListener, admin: TcpListener) 
     Ok(exit)
 }
 
-fn report_reload(metrics: &metrics::Metrics, result: Result<bool, tls::TlsError>, trigger: &'static str) {
+fn report_reload(
+    metrics: &metrics::Metrics,
+    result: Result<bool, tls::TlsError>,
+    trigger: &'static str,
+) {
     match result {
         Ok(true) => {
-            metrics.cert_reloads.get_or_create(&[("result", "ok")]).inc();
-            tracing::info!(event = "cert_reloaded", trigger, "certificate reloaded; new handshakes use it");
+            metrics
+                .cert_reloads
+                .get_or_create(&[("result", "ok")])
+                .inc();
+            tracing::info!(
+                event = "cert_reloaded",
+                trigger,
+                "certificate reloaded; new handshakes use it"
+            );
         }
         Ok(false) => {}
         Err(error) => {
-            metrics.cert_reloads.get_or_create(&[("result", "error")]).inc();
+            metrics
+                .cert_reloads
+                .get_or_create(&[("result", "error")])
+                .inc();
             tracing::error!(event = "cert_reload_failed", trigger, %error, "certificate reload failed; keeping the current certificate");
         }
     }

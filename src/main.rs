@@ -7,7 +7,14 @@ use ws_gateway::{Exit, Settings};
 fn main() -> anyhow::Result<()> {
     let settings = match Settings::try_parse() {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
         Err(e) => {
             let _ = e.print();
             std::process::exit(1);
@@ -27,13 +34,20 @@ fn main() -> anyhow::Result<()> {
     }
     ws_gateway::logging::init(config.log_format);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     let exit = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
         let admin = tokio::net::TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
-        ws_gateway::run(config, listener, admin).await.context("running the gateway")
+        ws_gateway::run(config, listener, admin)
+            .await
+            .context("running the gateway")
     });
     match exit {
         // A forced exit (second signal) and a drain that ran out of time both end the process normally: the

@@ -92,25 +92,97 @@ impl Metrics {
             token_cache: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("ws_connections", "Connections accepted", m.connections.clone());
-        registry.register("ws_auth_failures", "Authentication failures by reason", m.auth_failures.clone());
-        registry.register("ws_auth_success", "Successful authentications", m.auth_success.clone());
-        registry.register("ws_active_sessions", "Sessions relaying now", m.active_sessions.clone());
-        registry.register("ws_connection_duration_seconds", "Session duration", m.session_duration.clone());
-        registry.register("ws_protocol_connections", "Sessions by subprotocol", m.protocol_connections.clone());
-        registry.register("ws_proxy_errors", "Proxy errors by kind", m.proxy_errors.clone());
-        registry.register("ws_handshake_duration_seconds", "Request head to 101", m.handshake_duration.clone());
-        registry.register("ws_relay_bytes", "Bytes relayed by direction", m.relay_bytes.clone());
-        registry.register("ws_upstream_dial_duration_seconds", "Upstream dial to 101", m.upstream_dial_duration.clone());
-        registry.register("ws_upstream_failures", "Upstream failures by kind", m.upstream_failures.clone());
-        registry.register("ws_jwks_refreshes", "JWKS fetches by result and trigger", m.jwks_refreshes.clone());
-        registry.register("ws_jwks_key_age_seconds", "Age of the signing keys in use", m.jwks_key_age.clone());
-        registry.register("ws_tls_handshake_failures", "Failed TLS handshakes", m.tls_handshake_failures.clone());
-        registry.register("ws_rejections", "Requests refused, by HTTP status", m.rejections.clone());
+        registry.register(
+            "ws_connections",
+            "Connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "ws_auth_failures",
+            "Authentication failures by reason",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "ws_auth_success",
+            "Successful authentications",
+            m.auth_success.clone(),
+        );
+        registry.register(
+            "ws_active_sessions",
+            "Sessions relaying now",
+            m.active_sessions.clone(),
+        );
+        registry.register(
+            "ws_connection_duration_seconds",
+            "Session duration",
+            m.session_duration.clone(),
+        );
+        registry.register(
+            "ws_protocol_connections",
+            "Sessions by subprotocol",
+            m.protocol_connections.clone(),
+        );
+        registry.register(
+            "ws_proxy_errors",
+            "Proxy errors by kind",
+            m.proxy_errors.clone(),
+        );
+        registry.register(
+            "ws_handshake_duration_seconds",
+            "Request head to 101",
+            m.handshake_duration.clone(),
+        );
+        registry.register(
+            "ws_relay_bytes",
+            "Bytes relayed by direction",
+            m.relay_bytes.clone(),
+        );
+        registry.register(
+            "ws_upstream_dial_duration_seconds",
+            "Upstream dial to 101",
+            m.upstream_dial_duration.clone(),
+        );
+        registry.register(
+            "ws_upstream_failures",
+            "Upstream failures by kind",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
+            "ws_jwks_refreshes",
+            "JWKS fetches by result and trigger",
+            m.jwks_refreshes.clone(),
+        );
+        registry.register(
+            "ws_jwks_key_age_seconds",
+            "Age of the signing keys in use",
+            m.jwks_key_age.clone(),
+        );
+        registry.register(
+            "ws_tls_handshake_failures",
+            "Failed TLS handshakes",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "ws_rejections",
+            "Requests refused, by HTTP status",
+            m.rejections.clone(),
+        );
         registry.register("ws_draining", "1 while draining", m.draining.clone());
-        registry.register("ws_cert_reloads", "Certificate reloads by result", m.cert_reloads.clone());
-        registry.register("ws_session_closes", "Session ends by reason", m.session_closes.clone());
-        registry.register("ws_token_cache", "Verified-token cache lookups", m.token_cache.clone());
+        registry.register(
+            "ws_cert_reloads",
+            "Certificate reloads by result",
+            m.cert_reloads.clone(),
+        );
+        registry.register(
+            "ws_session_closes",
+            "Session ends by reason",
+            m.session_closes.clone(),
+        );
+        registry.register(
+            "ws_token_cache",
+            "Verified-token cache lookups",
+            m.token_cache.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -125,12 +197,19 @@ impl Metrics {
 
     /// Records a JWKS fetch.
     pub fn jwks_refresh(&self, ok: bool, trigger: &'static str) {
-        self.jwks_refreshes.get_or_create(&[("result", if ok { "ok" } else { "error" }), ("trigger", trigger)]).inc();
+        self.jwks_refreshes
+            .get_or_create(&[
+                ("result", if ok { "ok" } else { "error" }),
+                ("trigger", trigger),
+            ])
+            .inc();
     }
 
     /// Records a refused request.
     pub fn reject(&self, status: u16) {
-        self.rejections.get_or_create(&[("status", status_label(status))]).inc();
+        self.rejections
+            .get_or_create(&[("status", status_label(status))])
+            .inc();
     }
 }
 

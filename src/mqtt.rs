@@ -43,7 +43,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], MqttError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or(MqttError::Malformed("truncated"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or(MqttError::Malformed("truncated"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -68,7 +72,9 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        Err(MqttError::Malformed("variable byte integer longer than 4 bytes"))
+        Err(MqttError::Malformed(
+            "variable byte integer longer than 4 bytes",
+        ))
     }
 }
 
@@ -76,7 +82,9 @@ impl<'a> Reader<'a> {
 fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, MqttError> {
     let mut value = 0usize;
     for i in 0..4 {
-        let Some(&b) = buf.get(i) else { return Ok(None) };
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
         value |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Ok(Some((value, i + 1)));
@@ -90,11 +98,15 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, MqttError> {
 /// # Errors
 /// Anything but a well-formed CONNECT.
 pub fn parse_connect(buf: &[u8]) -> Result<Option<Connect>, MqttError> {
-    let Some(&first) = buf.first() else { return Ok(None) };
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
     if first != 0x10 {
         return Err(MqttError::Malformed("first packet is not CONNECT"));
     }
-    let Some((len, len_bytes)) = remaining_length(&buf[1..])? else { return Ok(None) };
+    let Some((len, len_bytes)) = remaining_length(&buf[1..])? else {
+        return Ok(None);
+    };
     if len > MAX_CONNECT_BYTES {
         return Err(MqttError::TooLarge);
     }
@@ -102,7 +114,10 @@ pub fn parse_connect(buf: &[u8]) -> Result<Option<Connect>, MqttError> {
     if buf.len() < start + len {
         return Ok(None);
     }
-    let mut r = Reader { buf: &buf[start..start + len], pos: 0 };
+    let mut r = Reader {
+        buf: &buf[start..start + len],
+        pos: 0,
+    };
     let name = r.binary()?;
     let level = r.u8()?;
     match (name, level) {
@@ -142,7 +157,11 @@ pub fn parse_connect(buf: &[u8]) -> Result<Option<Connect>, MqttError> {
     if has_user {
         let _user = r.binary()?;
     }
-    let password = if has_password { Some(r.binary()?.to_vec()) } else { None };
+    let password = if has_password {
+        Some(r.binary()?.to_vec())
+    } else {
+        None
+    };
     if r.pos != len {
         return Err(MqttError::Malformed("trailing bytes in CONNECT"));
     }
@@ -174,12 +193,17 @@ pub fn connack_unavailable(level: u8) -> Vec<u8> {
 ///
 /// # Errors
 /// See [`MqttError`]; I/O errors count as [`MqttError::Closed`].
-pub async fn read_connect<R: AsyncRead + Unpin>(io: &mut R, mut raw: Vec<u8>) -> Result<(Connect, Vec<u8>), MqttError> {
+pub async fn read_connect<R: AsyncRead + Unpin>(
+    io: &mut R,
+    mut raw: Vec<u8>,
+) -> Result<(Connect, Vec<u8>), MqttError> {
     let mut payload = Vec::new();
     let mut parsed = 0;
     let mut chunk = vec![0u8; 4096];
     loop {
-        while let Some((f, used)) = frame::decode(&raw[parsed..], MAX_CONNECT_BYTES).map_err(|_| MqttError::TooLarge)? {
+        while let Some((f, used)) =
+            frame::decode(&raw[parsed..], MAX_CONNECT_BYTES).map_err(|_| MqttError::TooLarge)?
+        {
             parsed += used;
             match f.opcode {
                 OP_BINARY | OP_CONTINUATION => payload.extend_from_slice(&f.payload),
@@ -270,12 +294,19 @@ mod tests {
             for will in [false, true] {
                 let bytes = connect(level, Some(b"any"), Some(b"a.b.c"), will);
                 let c = parse_connect(&bytes).expect("valid").expect("complete");
-                assert_eq!((c.level, c.password.as_deref()), (level, Some(&b"a.b.c"[..])));
+                assert_eq!(
+                    (c.level, c.password.as_deref()),
+                    (level, Some(&b"a.b.c"[..]))
+                );
             }
         }
-        let c = parse_connect(&connect(4, None, None, false)).expect("valid").expect("complete");
+        let c = parse_connect(&connect(4, None, None, false))
+            .expect("valid")
+            .expect("complete");
         assert_eq!(c.password, None);
-        let c = parse_connect(&connect(5, None, Some(b"tok"), false)).expect("v5 password without user").expect("complete");
+        let c = parse_connect(&connect(5, None, Some(b"tok"), false))
+            .expect("v5 password without user")
+            .expect("complete");
         assert_eq!(c.password.as_deref(), Some(&b"tok"[..]));
     }
 
@@ -294,8 +325,14 @@ mod tests {
         let mut level = connect(4, None, None, false);
         level[8] = 9;
         assert!(parse_connect(&level).is_err());
-        assert!(parse_connect(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err(), "5-byte remaining length");
-        assert!(parse_connect(&connect(4, None, Some(b"p"), false)).is_err(), "3.1.1 password without username");
+        assert!(
+            parse_connect(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err(),
+            "5-byte remaining length"
+        );
+        assert!(
+            parse_connect(&connect(4, None, Some(b"p"), false)).is_err(),
+            "3.1.1 password without username"
+        );
         // The remaining length claims less than the fields need.
         let mut short = connect(4, Some(b"u"), Some(b"p"), false);
         short[1] -= 3;
@@ -317,7 +354,9 @@ mod tests {
         wire.extend_from_slice(&frame::encode(OP_BINARY, &[0xc0, 0x00], Some([9, 9, 9, 9]))); // PINGREQ after
         let (first, rest) = wire.split_at(7);
         let mut reader = rest;
-        let (c, raw) = read_connect(&mut reader, first.to_vec()).await.expect("connect");
+        let (c, raw) = read_connect(&mut reader, first.to_vec())
+            .await
+            .expect("connect");
         assert_eq!(c.password.as_deref(), Some(&b"tok.en.x"[..]));
         assert!(wire.starts_with(&raw), "raw bytes are forwarded unchanged");
         let mut text = &frame::encode(0x1, b"x", Some([0; 4]))[..];

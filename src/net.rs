@@ -44,13 +44,21 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Io {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         delegate!(self, poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -103,7 +111,9 @@ impl Url {
     }
 
     fn parse_with(s: &str, plain: &str, secure: &str) -> Result<Url, String> {
-        let (scheme, rest) = s.split_once("://").ok_or_else(|| format!("`{s}` is not a {plain}:// or {secure}:// URL"))?;
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| format!("`{s}` is not a {plain}:// or {secure}:// URL"))?;
         let scheme = scheme.to_ascii_lowercase();
         let is_secure = if scheme == secure {
             true
@@ -149,15 +159,33 @@ impl Url {
             return Err("whitespace in path".into());
         }
         let has_path = !(tail.is_empty() || tail == "/");
-        let bracketed = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
-        let authority = if port == default_port { bracketed } else { format!("{bracketed}:{port}") };
-        Ok(Url { scheme, secure: is_secure, host: host.to_owned(), port, path_and_query, has_path, authority })
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let authority = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
+        Ok(Url {
+            scheme,
+            secure: is_secure,
+            host: host.to_owned(),
+            port,
+            path_and_query,
+            has_path,
+            authority,
+        })
     }
 
     /// The path without the query.
     #[must_use]
     pub fn path(&self) -> &str {
-        self.path_and_query.split_once('?').map_or(&self.path_and_query, |(p, _)| p)
+        self.path_and_query
+            .split_once('?')
+            .map_or(&self.path_and_query, |(p, _)| p)
     }
 
     /// The query without `?`, if any.
@@ -178,9 +206,15 @@ impl std::fmt::Display for Url {
 ///
 /// # Errors
 /// Name resolution, connect or TLS failures, or the deadline.
-pub async fn dial(url: &Url, tls: &Arc<rustls::ClientConfig>, limit: Duration) -> Result<(Io, SocketAddr), DialError> {
+pub async fn dial(
+    url: &Url,
+    tls: &Arc<rustls::ClientConfig>,
+    limit: Duration,
+) -> Result<(Io, SocketAddr), DialError> {
     let attempt = async {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(DialError::Connect)?;
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(DialError::Connect)?;
         let _ = tcp.set_nodelay(true);
         let peer = tcp.peer_addr().map_err(DialError::Connect)?;
         if !url.secure {
@@ -191,7 +225,9 @@ pub async fn dial(url: &Url, tls: &Arc<rustls::ClientConfig>, limit: Duration) -
         let stream = connector.connect(name, tcp).await.map_err(DialError::Tls)?;
         Ok((Io::ClientTls(Box::new(stream)), peer))
     };
-    tokio::time::timeout(limit, attempt).await.map_err(|_| DialError::Timeout)?
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| DialError::Timeout)?
 }
 
 /// Why a dial failed; [`DialError::kind`] is the bounded metric label.
@@ -237,13 +273,20 @@ mod tests {
         assert_eq!(u.authority, "broker.example:8443");
         assert!(u.has_path);
         let u = Url::parse_ws("ws://[::1]:80").expect("v6");
-        assert_eq!((u.host.as_str(), u.port, u.authority.as_str()), ("::1", 80, "[::1]"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.authority.as_str()),
+            ("::1", 80, "[::1]")
+        );
         assert!(!u.has_path);
         assert_eq!(u.path_and_query, "/");
         assert!(Url::parse_ws("http://a/").is_err());
         assert!(Url::parse_ws("ws://user:pw@a/").is_err());
         assert!(Url::parse_ws("ws://a:99999/").is_err());
         assert!(Url::parse_ws("ws:///x").is_err());
-        assert!(Url::parse_http("https://idp/realms/x/protocol/openid-connect/certs").expect("http").secure);
+        assert!(
+            Url::parse_http("https://idp/realms/x/protocol/openid-connect/certs")
+                .expect("http")
+                .secure
+        );
     }
 }

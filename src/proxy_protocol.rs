@@ -8,7 +8,9 @@ use std::str::FromStr;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-const V2_SIGNATURE: [u8; 12] = [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A];
+const V2_SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
 /// Longest v1 header, CRLF included.
 const V1_MAX: usize = 107;
 /// Largest v2 address block accepted (TLVs included).
@@ -25,9 +27,16 @@ impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (a, p) = s.trim().split_once('/').unwrap_or((s.trim(), ""));
-        let addr: IpAddr = a.parse().map_err(|_| format!("`{s}` is not an IP network"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() { max } else { p.parse::<u8>().map_err(|_| format!("`{s}`: bad prefix length"))? };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse::<u8>()
+                .map_err(|_| format!("`{s}`: bad prefix length"))?
+        };
         if prefix > max {
             return Err(format!("`{s}`: prefix longer than {max}"));
         }
@@ -45,11 +54,15 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -80,7 +93,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, ProxyErr
     if buf.len() >= 12 && buf[..12] == V2_SIGNATURE {
         return parse_v2(buf);
     }
-    if b"PROXY ".starts_with(&buf[..buf.len().min(6)]) || V2_SIGNATURE.starts_with(&buf[..buf.len().min(12)]) {
+    if b"PROXY ".starts_with(&buf[..buf.len().min(6)])
+        || V2_SIGNATURE.starts_with(&buf[..buf.len().min(12)])
+    {
         return Ok(None);
     }
     Err(ProxyError::Missing)
@@ -88,18 +103,27 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, ProxyErr
 
 fn parse_v1(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, ProxyError> {
     let Some(end) = buf.windows(2).take(V1_MAX - 1).position(|w| w == b"\r\n") else {
-        return if buf.len() >= V1_MAX { Err(ProxyError::Malformed("v1 line too long")) } else { Ok(None) };
+        return if buf.len() >= V1_MAX {
+            Err(ProxyError::Malformed("v1 line too long"))
+        } else {
+            Ok(None)
+        };
     };
-    let line = std::str::from_utf8(&buf[..end]).map_err(|_| ProxyError::Malformed("v1 not ASCII"))?;
+    let line =
+        std::str::from_utf8(&buf[..end]).map_err(|_| ProxyError::Malformed("v1 not ASCII"))?;
     let parts: Vec<&str> = line.split(' ').collect();
     let addr = match parts.as_slice() {
         ["PROXY", "UNKNOWN", ..] => None,
         ["PROXY", fam @ ("TCP4" | "TCP6"), src, _dst, sport, _dport] => {
-            let ip: IpAddr = src.parse().map_err(|_| ProxyError::Malformed("v1 source address"))?;
+            let ip: IpAddr = src
+                .parse()
+                .map_err(|_| ProxyError::Malformed("v1 source address"))?;
             if (*fam == "TCP4") != ip.is_ipv4() {
                 return Err(ProxyError::Malformed("v1 family does not match address"));
             }
-            let port: u16 = sport.parse().map_err(|_| ProxyError::Malformed("v1 source port"))?;
+            let port: u16 = sport
+                .parse()
+                .map_err(|_| ProxyError::Malformed("v1 source port"))?;
             Some(SocketAddr::new(ip, port))
         }
         _ => return Err(ProxyError::Malformed("v1 fields")),
@@ -127,12 +151,18 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Option<SocketAddr>, usize)>, ProxyErro
         (0x0, _) => None, // LOCAL: health check from the proxy itself.
         (0x1, 0x11) if body.len() >= 12 => {
             let ip = Ipv4Addr::new(body[0], body[1], body[2], body[3]);
-            Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be_bytes([body[8], body[9]])))
+            Some(SocketAddr::new(
+                IpAddr::V4(ip),
+                u16::from_be_bytes([body[8], body[9]]),
+            ))
         }
         (0x1, 0x21) if body.len() >= 36 => {
             let mut octets = [0u8; 16];
             octets.copy_from_slice(&body[..16]);
-            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), u16::from_be_bytes([body[32], body[33]])))
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(octets)),
+                u16::from_be_bytes([body[32], body[33]]),
+            ))
         }
         (0x1, 0x00) => None,
         (0x1, 0x11 | 0x21) => return Err(ProxyError::Malformed("v2 address block too short")),
@@ -160,7 +190,12 @@ pub async fn read_header(tcp: &mut TcpStream) -> io::Result<Option<SocketAddr>> 
                 return Ok(addr);
             }
             Ok(None) if n < peek.len() => tcp.readable().await?,
-            Ok(None) => return Err(io::Error::new(io::ErrorKind::InvalidData, ProxyError::Malformed("too long"))),
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    ProxyError::Malformed("too long"),
+                ))
+            }
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
         }
     }
@@ -173,7 +208,13 @@ mod tests {
     #[test]
     fn v1() {
         let h = b"PROXY TCP4 192.0.2.1 198.51.100.1 56324 443\r\nrest";
-        assert_eq!(parse(h), Ok(Some((Some("192.0.2.1:56324".parse().expect("addr")), h.len() - 4))));
+        assert_eq!(
+            parse(h),
+            Ok(Some((
+                Some("192.0.2.1:56324".parse().expect("addr")),
+                h.len() - 4
+            )))
+        );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n"), Ok(Some((None, 15))));
         assert_eq!(parse(b"PROXY TCP4 192.0.2.1"), Ok(None));
         assert!(parse(b"PROXY TCP4 ::1 ::1 1 2\r\n").is_err());
@@ -185,8 +226,13 @@ mod tests {
     #[test]
     fn v2() {
         let mut h = V2_SIGNATURE.to_vec();
-        h.extend_from_slice(&[0x21, 0x11, 0, 12, 10, 1, 2, 3, 10, 0, 0, 1, 0x1f, 0x90, 0x01, 0xbb]);
-        assert_eq!(parse(&h), Ok(Some((Some("10.1.2.3:8080".parse().expect("addr")), 28))));
+        h.extend_from_slice(&[
+            0x21, 0x11, 0, 12, 10, 1, 2, 3, 10, 0, 0, 1, 0x1f, 0x90, 0x01, 0xbb,
+        ]);
+        assert_eq!(
+            parse(&h),
+            Ok(Some((Some("10.1.2.3:8080".parse().expect("addr")), 28)))
+        );
         assert_eq!(parse(&h[..20]), Ok(None));
         let mut local = V2_SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
@@ -207,7 +253,10 @@ mod tests {
         assert!(!c.contains("11.0.0.1".parse().expect("ip")));
         let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
         assert!(all.contains("1.2.3.4".parse().expect("ip")));
-        assert!("fd00::/8".parse::<Cidr>().expect("v6").contains("fd12::1".parse().expect("ip")));
+        assert!("fd00::/8"
+            .parse::<Cidr>()
+            .expect("v6")
+            .contains("fd12::1".parse().expect("ip")));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("x/8".parse::<Cidr>().is_err());
     }

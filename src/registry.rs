@@ -95,9 +95,19 @@ impl Registry {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let control = Arc::new(SessionControl::default());
         if let Ok(mut s) = self.sessions.lock() {
-            s.insert(id, Entry { info, control: Arc::clone(&control) });
+            s.insert(
+                id,
+                Entry {
+                    info,
+                    control: Arc::clone(&control),
+                },
+            );
         }
-        Registration { id, registry: Arc::clone(self), control }
+        Registration {
+            id,
+            registry: Arc::clone(self),
+            control,
+        }
     }
 
     /// Closes every session of `subject`; returns how many.
@@ -111,7 +121,9 @@ impl Registry {
     }
 
     fn close_where(&self, pick: impl Fn(&SessionInfo) -> bool, request: CloseRequest) -> usize {
-        let Ok(s) = self.sessions.lock() else { return 0 };
+        let Ok(s) = self.sessions.lock() else {
+            return 0;
+        };
         let mut n = 0;
         for e in s.values().filter(|e| pick(&e.info)) {
             e.control.close(request);
@@ -148,7 +160,10 @@ mod tests {
         };
         let a = reg.register(info("alice"));
         let b = reg.register(info("bob"));
-        let req = CloseRequest { code: 1008, reason: "revoked" };
+        let req = CloseRequest {
+            code: 1008,
+            reason: "revoked",
+        };
         assert_eq!(reg.close_subject("alice", req), 1);
         assert_eq!(a.control.requested().await, req);
         assert_eq!(reg.close_token("bob-jti", req), 1);

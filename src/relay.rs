@@ -32,7 +32,8 @@ thread_local! {
 }
 
 fn take_buffer() -> Vec<u8> {
-    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF_SIZE])
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE])
 }
 
 fn give_buffer(buf: Vec<u8>) {
@@ -97,10 +98,22 @@ impl EndReason {
     #[must_use]
     pub fn close(self) -> Option<CloseRequest> {
         match self {
-            EndReason::Idle => Some(CloseRequest { code: frame::CLOSE_GOING_AWAY, reason: "idle timeout" }),
-            EndReason::Expired => Some(CloseRequest { code: frame::CLOSE_POLICY, reason: "token expired" }),
-            EndReason::Drain => Some(CloseRequest { code: frame::CLOSE_GOING_AWAY, reason: "going away" }),
-            EndReason::Revoked(reason) => Some(CloseRequest { code: frame::CLOSE_POLICY, reason }),
+            EndReason::Idle => Some(CloseRequest {
+                code: frame::CLOSE_GOING_AWAY,
+                reason: "idle timeout",
+            }),
+            EndReason::Expired => Some(CloseRequest {
+                code: frame::CLOSE_POLICY,
+                reason: "token expired",
+            }),
+            EndReason::Drain => Some(CloseRequest {
+                code: frame::CLOSE_GOING_AWAY,
+                reason: "going away",
+            }),
+            EndReason::Revoked(reason) => Some(CloseRequest {
+                code: frame::CLOSE_POLICY,
+                reason,
+            }),
             _ => None,
         }
     }
@@ -153,7 +166,11 @@ impl Pump {
     }
 
     /// Writes and flushes what is buffered; returns the buffer to the pool when done.
-    fn poll_drain<W: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, dst: &mut W) -> Poll<io::Result<()>> {
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+    ) -> Poll<io::Result<()>> {
         self.write_blocked = false;
         while self.start < self.end {
             let Some(buf) = self.buf.as_ref() else { break };
@@ -189,7 +206,12 @@ impl Pump {
     }
 
     /// Reads at most `limit` bytes into a pooled buffer; `Ready(Ok(0))` is end of stream.
-    fn poll_fill<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, src: &mut R, limit: usize) -> Poll<io::Result<usize>> {
+    fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        limit: usize,
+    ) -> Poll<io::Result<usize>> {
         let mut buf = take_buffer();
         let mut rb = ReadBuf::new(&mut buf[..limit.min(BUF_SIZE)]);
         match Pin::new(src).poll_read(cx, &mut rb) {
@@ -222,7 +244,13 @@ impl Pump {
     }
 
     /// Copies until end of stream, then shuts the destination's write side (half-close).
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W, active: &mut Instant) -> Poll<Result<(), Side>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+        active: &mut Instant,
+    ) -> Poll<Result<(), Side>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -256,7 +284,14 @@ impl Pump {
 
     /// Finishes the frame in flight, writes `close`, flushes and shuts down. `Ok(false)` when the source ended
     /// mid-frame, so no valid Close frame could follow.
-    fn poll_close<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W, close: &[u8], sent: &mut bool) -> Poll<io::Result<bool>>
+    fn poll_close<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+        close: &[u8],
+        sent: &mut bool,
+    ) -> Poll<io::Result<bool>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -363,8 +398,15 @@ where
         if let Some(req) = reason.close() {
             let close = frame::close_frame(req.code, req.reason, None);
             let grace = self.limits.close_grace;
-            let Session { client, upstream, down, .. } = &mut self;
-            let closing = poll_fn(|cx| down.poll_close(cx, &mut **upstream, &mut **client, &close, &mut close_sent));
+            let Session {
+                client,
+                upstream,
+                down,
+                ..
+            } = &mut self;
+            let closing = poll_fn(|cx| {
+                down.poll_close(cx, &mut **upstream, &mut **client, &close, &mut close_sent)
+            });
             let _ = tokio::time::timeout(grace, closing).await;
         }
         Outcome {
@@ -376,7 +418,14 @@ where
     }
 
     fn poll_transfer(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
-        let Session { client, upstream, up, down, active, .. } = self;
+        let Session {
+            client,
+            upstream,
+            up,
+            down,
+            active,
+            ..
+        } = self;
         match up.poll_copy(cx, &mut **client, &mut **upstream, active) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::ClientError),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::UpstreamError),
@@ -412,7 +461,11 @@ where
             if now >= idle_at {
                 return Poll::Ready(EndReason::Idle);
             }
-            let next = [Some(idle_at), write_at, self.expires_at].into_iter().flatten().min().unwrap_or(idle_at);
+            let next = [Some(idle_at), write_at, self.expires_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(idle_at);
             if next < self.timer.deadline() || self.timer.is_elapsed() {
                 self.timer.as_mut().reset(next);
             }
@@ -428,7 +481,6 @@ where
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,7 +490,11 @@ mod tests {
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
     fn limits() -> Limits {
-        Limits { idle: Duration::from_secs(60), write: Duration::from_secs(10), close_grace: Duration::from_secs(2) }
+        Limits {
+            idle: Duration::from_secs(60),
+            write: Duration::from_secs(10),
+            close_grace: Duration::from_secs(2),
+        }
     }
 
     #[tokio::test]
@@ -448,13 +504,23 @@ mod tests {
         let drain = Drain::new();
         let control = SessionControl::default();
         let task = tokio::spawn(async move {
-            let s = Session::new(&mut gw_client, &mut gw_up, b"early".to_vec(), b"hello".to_vec(), limits(), None);
+            let s = Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                b"early".to_vec(),
+                b"hello".to_vec(),
+                limits(),
+                None,
+            );
             s.run(drain.signal(), &control).await
         });
         let mut got = [0u8; 5];
         upstream.read_exact(&mut got).await.expect("early bytes");
         assert_eq!(&got, b"early");
-        client.read_exact(&mut got).await.expect("upstream leftovers");
+        client
+            .read_exact(&mut got)
+            .await
+            .expect("upstream leftovers");
         assert_eq!(&got, b"hello");
         let big = vec![42u8; 100_000];
         let writer = {
@@ -466,7 +532,10 @@ mod tests {
             })
         };
         let mut echoed = Vec::new();
-        upstream.read_to_end(&mut echoed).await.expect("read to end");
+        upstream
+            .read_to_end(&mut echoed)
+            .await
+            .expect("read to end");
         assert_eq!(echoed, big);
         let mut client = writer.await.expect("writer");
         upstream.write_all(b"late").await.expect("after half-close");
@@ -476,7 +545,10 @@ mod tests {
         assert_eq!(tail, b"late");
         let out = task.await.expect("join");
         assert_eq!(out.reason, EndReason::Closed);
-        assert_eq!((out.client_to_upstream, out.upstream_to_client), (100_005, 9));
+        assert_eq!(
+            (out.client_to_upstream, out.upstream_to_client),
+            (100_005, 9)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -485,9 +557,16 @@ mod tests {
         let (mut gw_up, _upstream) = duplex(1024);
         let control = SessionControl::default();
         let drain = Drain::new();
-        let out = Session::new(&mut gw_client, &mut gw_up, Vec::new(), Vec::new(), limits(), None)
-            .run(drain.signal(), &control)
-            .await;
+        let out = Session::new(
+            &mut gw_client,
+            &mut gw_up,
+            Vec::new(),
+            Vec::new(),
+            limits(),
+            None,
+        )
+        .run(drain.signal(), &control)
+        .await;
         assert_eq!(out.reason, EndReason::Idle);
         let mut buf = Vec::new();
         client.read_to_end(&mut buf).await.expect("close");
@@ -504,15 +583,28 @@ mod tests {
             let control = SessionControl::default();
             let drain = Drain::new();
             let expires = Instant::now() + Duration::from_secs(5);
-            Session::new(&mut gw_client, &mut gw_up, Vec::new(), Vec::new(), limits(), Some(expires))
-                .run(drain.signal(), &control)
-                .await
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                Some(expires),
+            )
+            .run(drain.signal(), &control)
+            .await
         });
         // Half a frame before expiry, the rest after: the client must get the whole frame, then the Close.
         upstream.write_all(&whole[..400]).await.expect("first half");
         tokio::time::sleep(Duration::from_secs(6)).await;
-        upstream.write_all(&whole[400..]).await.expect("second half");
-        upstream.write_all(&encode(OP_BINARY, b"after", None)).await.expect("next frame");
+        upstream
+            .write_all(&whole[400..])
+            .await
+            .expect("second half");
+        upstream
+            .write_all(&encode(OP_BINARY, b"after", None))
+            .await
+            .expect("next frame");
         let out = task.await.expect("join");
         assert_eq!(out.reason, EndReason::Expired);
         assert!(out.close_sent);

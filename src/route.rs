@@ -32,7 +32,11 @@ impl Route {
     /// path. The upstream URL's own query comes first, then the client's when `preserveQuery` holds.
     #[must_use]
     pub fn upstream_target(&self, client_path: &str, client_query: Option<&str>) -> String {
-        let mut target = if self.upstream.has_path { self.upstream.path().to_owned() } else { client_path.to_owned() };
+        let mut target = if self.upstream.has_path {
+            self.upstream.path().to_owned()
+        } else {
+            client_path.to_owned()
+        };
         let mut parts: Vec<&str> = Vec::new();
         if let Some(q) = self.upstream.query().filter(|q| !q.is_empty()) {
             parts.push(q);
@@ -106,9 +110,7 @@ struct RouteEntry {
 #[serde(untagged)]
 enum RouteFile {
     List(Vec<RouteEntry>),
-    Wrapped {
-        routes: Vec<RouteEntry>,
-    },
+    Wrapped { routes: Vec<RouteEntry> },
 }
 
 impl RouteTable {
@@ -133,7 +135,10 @@ impl RouteTable {
     /// Unreadable file, bad YAML, an unknown key, a prefix not starting with `/`, or a bad upstream URL.
     pub fn from_file(path: &Path, fallback: Option<WsUrl>) -> Result<RouteTable, RouteError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| RouteError::Read { path: name.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| RouteError::Read {
+            path: name.clone(),
+            source,
+        })?;
         RouteTable::from_yaml(&text, &name, fallback)
     }
 
@@ -141,7 +146,11 @@ impl RouteTable {
     ///
     /// # Errors
     /// As for [`RouteTable::from_file`].
-    pub fn from_yaml(text: &str, name: &str, fallback: Option<WsUrl>) -> Result<RouteTable, RouteError> {
+    pub fn from_yaml(
+        text: &str,
+        name: &str,
+        fallback: Option<WsUrl>,
+    ) -> Result<RouteTable, RouteError> {
         let entries = if text.trim().is_empty() {
             Vec::new()
         } else {
@@ -153,7 +162,10 @@ impl RouteTable {
                         Err(e) => e.to_string(),
                         Ok(_) => "expected a list of routes".to_owned(),
                     };
-                    return Err(RouteError::Parse { path: name.to_owned(), message });
+                    return Err(RouteError::Parse {
+                        path: name.to_owned(),
+                        message,
+                    });
                 }
             }
         };
@@ -168,7 +180,8 @@ impl RouteTable {
             if !e.prefix.starts_with('/') {
                 return Err(bad("prefix must start with `/`".into()));
             }
-            let upstream = WsUrl::parse_ws(&e.upstream).map_err(|m| bad(format!("upstream: {m}")))?;
+            let upstream =
+                WsUrl::parse_ws(&e.upstream).map_err(|m| bad(format!("upstream: {m}")))?;
             routes.push(Route {
                 prefix: e.prefix.clone(),
                 upstream,
@@ -183,7 +196,9 @@ impl RouteTable {
     /// The first route whose prefix starts `path`.
     #[must_use]
     pub fn find(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| path.starts_with(r.prefix.as_str()))
+        self.routes
+            .iter()
+            .find(|r| path.starts_with(r.prefix.as_str()))
     }
 
     /// Whether no route is configured at all.
@@ -224,8 +239,14 @@ mod tests {
         let fallback = WsUrl::parse_ws("ws://fallback:1/").ok();
         let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", fallback).expect("parses");
         assert_eq!(t.find("/mqtt/x").expect("route").upstream.host, "rabbit");
-        assert_eq!(t.find("/raw").expect("route").upstream.host, "backend.internal");
-        assert_eq!(t.find("/other").expect("fallback").upstream.host, "fallback");
+        assert_eq!(
+            t.find("/raw").expect("route").upstream.host,
+            "backend.internal"
+        );
+        assert_eq!(
+            t.find("/other").expect("fallback").upstream.host,
+            "fallback"
+        );
         let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", None).expect("parses");
         assert!(t.find("/other").is_none());
     }
@@ -238,17 +259,26 @@ mod tests {
         let mqtt = t.find("/mqtt").expect("route");
         assert_eq!(mqtt.upstream_target("/mqtt", Some("a=1")), "/ws");
         let raw = t.find("/raw/feed").expect("route");
-        assert_eq!(raw.upstream_target("/raw/feed", Some("a=1")), "/raw/feed?a=1");
+        assert_eq!(
+            raw.upstream_target("/raw/feed", Some("a=1")),
+            "/raw/feed?a=1"
+        );
     }
 
     #[test]
     fn errors_name_the_problem() {
-        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: ws://a/\n  bogus: 1\n", "r.yaml", None)
-            .expect_err("unknown key");
+        let err = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: ws://a/\n  bogus: 1\n",
+            "r.yaml",
+            None,
+        )
+        .expect_err("unknown key");
         assert!(err.to_string().contains("bogus"), "{err}");
-        let err = RouteTable::from_yaml("- prefix: a\n  upstream: ws://a/\n", "r.yaml", None).expect_err("prefix");
+        let err = RouteTable::from_yaml("- prefix: a\n  upstream: ws://a/\n", "r.yaml", None)
+            .expect_err("prefix");
         assert!(err.to_string().contains("prefix"), "{err}");
-        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: http://a/\n", "r.yaml", None).expect_err("url");
+        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: http://a/\n", "r.yaml", None)
+            .expect_err("url");
         assert!(err.to_string().contains("upstream"), "{err}");
     }
 }

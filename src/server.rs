@@ -46,7 +46,10 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway").field("config", &self.config).field("tls", &self.tls.is_some()).finish_non_exhaustive()
+        f.debug_struct("Gateway")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -134,27 +137,47 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
             drop(permit);
         });
     }
-    tracing::info!(event = "listener_closed", "listener closed; no new connections");
+    tracing::info!(
+        event = "listener_closed",
+        "listener closed; no new connections"
+    );
 }
 
 /// One connection from accept to close.
-pub async fn handle(gw: &Gateway, mut tcp: TcpStream, mut peer: SocketAddr, guard: ConnectionGuard) {
+pub async fn handle(
+    gw: &Gateway,
+    mut tcp: TcpStream,
+    mut peer: SocketAddr,
+    guard: ConnectionGuard,
+) {
     gw.metrics.connections.inc();
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + gw.config.timeouts.handshake;
 
     if gw.config.proxy_protocol {
-        if !gw.config.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+        if !gw
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|c| c.contains(peer.ip()))
+        {
             tracing::warn!(event = "proxy_untrusted", peer = %peer, "PROXY protocol expected but peer is not trusted; closing");
-            gw.metrics.proxy_errors.get_or_create(&[("kind", "proxy_untrusted")]).inc();
+            gw.metrics
+                .proxy_errors
+                .get_or_create(&[("kind", "proxy_untrusted")])
+                .inc();
             return;
         }
-        match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await {
+        match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await
+        {
             Ok(Ok(Some(addr))) => peer = addr,
             Ok(Ok(None)) => {}
             Ok(Err(error)) => {
                 tracing::warn!(event = "proxy_header_invalid", peer = %peer, %error, "bad PROXY protocol header; closing");
-                gw.metrics.proxy_errors.get_or_create(&[("kind", "proxy_header")]).inc();
+                gw.metrics
+                    .proxy_errors
+                    .get_or_create(&[("kind", "proxy_header")])
+                    .inc();
                 return;
             }
             Err(_) => return,
@@ -178,21 +201,40 @@ pub async fn handle(gw: &Gateway, mut tcp: TcpStream, mut peer: SocketAddr, guar
         None => Io::Plain(tcp),
     };
 
-    let (head, rest) = match tokio::time::timeout_at(deadline, read_head(&mut io, gw.config.max_request_head_bytes)).await {
+    let (head, rest) = match tokio::time::timeout_at(
+        deadline,
+        read_head(&mut io, gw.config.max_request_head_bytes),
+    )
+    .await
+    {
         Ok(Ok(Ok(ReadHead::Complete(head, rest)))) => (head, rest),
         Ok(Ok(Ok(ReadHead::Closed))) | Ok(Err(_)) => return,
-        Ok(Ok(Err(e))) => return refuse(gw, &mut io, peer, None, None, ConnError::Upgrade(e)).await,
+        Ok(Ok(Err(e))) => {
+            return refuse(gw, &mut io, peer, None, None, ConnError::Upgrade(e)).await
+        }
         Err(_) => return refuse(gw, &mut io, peer, None, None, ConnError::HandshakeTimeout).await,
     };
     let started = Instant::now();
 
     if head.path() == "/healthz" {
-        let resp = if head.method == "GET" { Response::new(200, "ok") } else { UpgradeError::Method.response() };
+        let resp = if head.method == "GET" {
+            Response::new(200, "ok")
+        } else {
+            UpgradeError::Method.response()
+        };
         let _ = resp.send(&mut io).await;
         return;
     }
     let Some(route) = gw.config.routes.find(head.path()) else {
-        return refuse(gw, &mut io, peer, Some(&head), None, ConnError::Upgrade(UpgradeError::NoRoute)).await;
+        return refuse(
+            gw,
+            &mut io,
+            peer,
+            Some(&head),
+            None,
+            ConnError::Upgrade(UpgradeError::NoRoute),
+        )
+        .await;
     };
     let (identity, source) = match admit(gw, &head, route).await {
         Ok(ok) => ok,
@@ -203,30 +245,67 @@ pub async fn handle(gw: &Gateway, mut tcp: TcpStream, mut peer: SocketAddr, guar
     };
     gw.metrics.auth_success.inc();
 
-    let request = upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
+    let request =
+        upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
     let dial_started = Instant::now();
-    let connected = match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
-        Ok(c) => c,
-        Err(e) => {
-            gw.metrics.upstream_failures.get_or_create(&[("kind", e.kind())]).inc();
-            gw.metrics.proxy_errors.get_or_create(&[("kind", "upstream")]).inc();
-            return refuse(gw, &mut io, peer, Some(&head), Some(route), ConnError::Upstream(e)).await;
-        }
-    };
-    gw.metrics.upstream_dial_duration.observe(dial_started.elapsed().as_secs_f64());
-    let upstream::Connected { io: up, response, rest: up_rest, protocol } = connected;
+    let connected =
+        match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
+            Ok(c) => c,
+            Err(e) => {
+                gw.metrics
+                    .upstream_failures
+                    .get_or_create(&[("kind", e.kind())])
+                    .inc();
+                gw.metrics
+                    .proxy_errors
+                    .get_or_create(&[("kind", "upstream")])
+                    .inc();
+                return refuse(
+                    gw,
+                    &mut io,
+                    peer,
+                    Some(&head),
+                    Some(route),
+                    ConnError::Upstream(e),
+                )
+                .await;
+            }
+        };
+    gw.metrics
+        .upstream_dial_duration
+        .observe(dial_started.elapsed().as_secs_f64());
+    let upstream::Connected {
+        io: up,
+        response,
+        rest: up_rest,
+        protocol,
+    } = connected;
 
     use tokio::io::AsyncWriteExt;
     if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
         return;
     }
-    gw.metrics.handshake_duration.observe(started.elapsed().as_secs_f64());
-    gw.metrics.protocol_connections.get_or_create(&[("protocol", protocol_label(protocol.as_deref()))]).inc();
+    gw.metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .protocol_connections
+        .get_or_create(&[("protocol", protocol_label(protocol.as_deref()))])
+        .inc();
 
-    relay(gw, io, up, rest, up_rest, peer, route, &identity, source, guard).await;
+    relay(
+        gw, io, up, rest, up_rest, peer, route, &identity, source, guard,
+    )
+    .await;
 }
 
-fn forwarding<'a>(gw: &'a Gateway, io: &Io, peer: SocketAddr, identity: &'a Identity, no_extensions: bool) -> Forwarding<'a> {
+fn forwarding<'a>(
+    gw: &'a Gateway,
+    io: &Io,
+    peer: SocketAddr,
+    identity: &'a Identity,
+    no_extensions: bool,
+) -> Forwarding<'a> {
     Forwarding {
         client_ip: peer.ip(),
         tls: io.is_tls(),
@@ -241,16 +320,33 @@ fn forwarding<'a>(gw: &'a Gateway, io: &Io, peer: SocketAddr, identity: &'a Iden
 /// The CONNECT-password path applies when the upgrade carries no token, the client offers `mqtt`, and the
 /// setting (per route, else global) allows it.
 fn mqtt_password_applies(gw: &Gateway, head: &RequestHead, route: &Route) -> bool {
-    route.mqtt_connect_auth.unwrap_or(gw.config.auth.mqtt_connect_auth)
-        && head.values("Sec-WebSocket-Protocol").flat_map(|v| v.split(',')).any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+    route
+        .mqtt_connect_auth
+        .unwrap_or(gw.config.auth.mqtt_connect_auth)
+        && head
+            .values("Sec-WebSocket-Protocol")
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
 }
 
 /// Completes the client's handshake, reads and verifies the CONNECT password, then dials the upstream and relays
 /// the CONNECT and everything after it unchanged. Refusals are CONNACK "not authorized" then Close 1008.
-async fn mqtt_session(gw: &Gateway, mut io: Io, head: &RequestHead, rest: Vec<u8>, peer: SocketAddr, route: &Route, guard: ConnectionGuard) {
+async fn mqtt_session(
+    gw: &Gateway,
+    mut io: Io,
+    head: &RequestHead,
+    rest: Vec<u8>,
+    peer: SocketAddr,
+    route: &Route,
+    guard: ConnectionGuard,
+) {
     use tokio::io::AsyncWriteExt;
     let started = Instant::now();
-    let key = head.single("Sec-WebSocket-Key").ok().flatten().unwrap_or_default();
+    let key = head
+        .single("Sec-WebSocket-Key")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     let accept = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
         crate::upgrade::accept_key(key)
@@ -259,20 +355,62 @@ async fn mqtt_session(gw: &Gateway, mut io: Io, head: &RequestHead, rest: Vec<u8
         return;
     }
     // Logs and counts a refusal; returns the frames that tell the client (CONNACK, then Close).
-    let refusal = |connack: Option<Vec<u8>>, code: u16, reason: &'static str, kind: &'static str, detail: String| {
-        gw.metrics.rejections.get_or_create(&[("status", "mqtt_connack")]).inc();
+    let refusal = |connack: Option<Vec<u8>>,
+                   code: u16,
+                   reason: &'static str,
+                   kind: &'static str,
+                   detail: String| {
+        gw.metrics
+            .rejections
+            .get_or_create(&[("status", "mqtt_connack")])
+            .inc();
         tracing::info!(event = "rejected", peer = %peer, status = 101, reason = kind, path = head.path(), route = %route.prefix,
             close_code = code, detail = %detail, "MQTT CONNECT refused");
-        let mut out = connack.map(|c| crate::frame::encode(crate::frame::OP_BINARY, &c, None)).unwrap_or_default();
+        let mut out = connack
+            .map(|c| crate::frame::encode(crate::frame::OP_BINARY, &c, None))
+            .unwrap_or_default();
         out.extend_from_slice(&crate::frame::close_frame(code, reason, None));
         out
     };
-    let (connect, raw) = match tokio::time::timeout(gw.config.timeouts.handshake, crate::mqtt::read_connect(&mut io, rest)).await {
+    let (connect, raw) = match tokio::time::timeout(
+        gw.config.timeouts.handshake,
+        crate::mqtt::read_connect(&mut io, rest),
+    )
+    .await
+    {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return send_and_close(&mut io, refusal(None, 1002, "expected MQTT CONNECT", "mqtt_malformed", e.to_string())).await,
-        Err(_) => return send_and_close(&mut io, refusal(None, 1008, "no CONNECT in time", "handshake_timeout", "timeout".into())).await,
+        Ok(Err(e)) => {
+            return send_and_close(
+                &mut io,
+                refusal(
+                    None,
+                    1002,
+                    "expected MQTT CONNECT",
+                    "mqtt_malformed",
+                    e.to_string(),
+                ),
+            )
+            .await
+        }
+        Err(_) => {
+            return send_and_close(
+                &mut io,
+                refusal(
+                    None,
+                    1008,
+                    "no CONNECT in time",
+                    "handshake_timeout",
+                    "timeout".into(),
+                ),
+            )
+            .await
+        }
     };
-    let token = connect.password.as_deref().and_then(|p| std::str::from_utf8(p).ok()).filter(|t| !t.is_empty());
+    let token = connect
+        .password
+        .as_deref()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .filter(|t| !t.is_empty());
     let verified = match token {
         Some(t) => gw.verifier.verify(t).await,
         None => Err(AuthError::Missing),
@@ -280,27 +418,76 @@ async fn mqtt_session(gw: &Gateway, mut io: Io, head: &RequestHead, rest: Vec<u8
     let identity = match verified {
         Ok(i) => i,
         Err(e) => {
-            gw.metrics.auth_failures.get_or_create(&[("reason", e.kind())]).inc();
+            gw.metrics
+                .auth_failures
+                .get_or_create(&[("reason", e.kind())])
+                .inc();
             let connack = crate::mqtt::connack_not_authorized(connect.level);
-            return send_and_close(&mut io, refusal(Some(connack), 1008, "not authorized", e.kind(), e.to_string())).await;
+            return send_and_close(
+                &mut io,
+                refusal(
+                    Some(connack),
+                    1008,
+                    "not authorized",
+                    e.kind(),
+                    e.to_string(),
+                ),
+            )
+            .await;
         }
     };
     gw.metrics.auth_success.inc();
     let request = upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));
     let dial_started = Instant::now();
-    let connected = match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
-        Ok(c) => c,
-        Err(e) => {
-            gw.metrics.upstream_failures.get_or_create(&[("kind", e.kind())]).inc();
-            gw.metrics.proxy_errors.get_or_create(&[("kind", "upstream")]).inc();
-            let connack = crate::mqtt::connack_unavailable(connect.level);
-            return send_and_close(&mut io, refusal(Some(connack), 1014, "upstream unavailable", e.kind(), e.to_string())).await;
-        }
-    };
-    gw.metrics.upstream_dial_duration.observe(dial_started.elapsed().as_secs_f64());
-    gw.metrics.handshake_duration.observe(started.elapsed().as_secs_f64());
-    gw.metrics.protocol_connections.get_or_create(&[("protocol", "mqtt")]).inc();
-    relay(gw, io, connected.io, raw, connected.rest, peer, route, &identity, Source::MqttPassword, guard).await;
+    let connected =
+        match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
+            Ok(c) => c,
+            Err(e) => {
+                gw.metrics
+                    .upstream_failures
+                    .get_or_create(&[("kind", e.kind())])
+                    .inc();
+                gw.metrics
+                    .proxy_errors
+                    .get_or_create(&[("kind", "upstream")])
+                    .inc();
+                let connack = crate::mqtt::connack_unavailable(connect.level);
+                return send_and_close(
+                    &mut io,
+                    refusal(
+                        Some(connack),
+                        1014,
+                        "upstream unavailable",
+                        e.kind(),
+                        e.to_string(),
+                    ),
+                )
+                .await;
+            }
+        };
+    gw.metrics
+        .upstream_dial_duration
+        .observe(dial_started.elapsed().as_secs_f64());
+    gw.metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .protocol_connections
+        .get_or_create(&[("protocol", "mqtt")])
+        .inc();
+    relay(
+        gw,
+        io,
+        connected.io,
+        raw,
+        connected.rest,
+        peer,
+        route,
+        &identity,
+        Source::MqttPassword,
+        guard,
+    )
+    .await;
 }
 
 async fn send_and_close(io: &mut Io, bytes: Vec<u8>) {
@@ -311,7 +498,11 @@ async fn send_and_close(io: &mut Io, bytes: Vec<u8>) {
 }
 
 /// Route-level checks, Origin, then the token.
-async fn admit(gw: &Gateway, head: &RequestHead, _route: &Route) -> Result<(Identity, Source), ConnError> {
+async fn admit(
+    gw: &Gateway,
+    head: &RequestHead,
+    _route: &Route,
+) -> Result<(Identity, Source), ConnError> {
     check_upgrade(head)?;
     let auth = &gw.config.auth;
     match head.single("Origin").map_err(ConnError::Upgrade)? {
@@ -319,7 +510,8 @@ async fn admit(gw: &Gateway, head: &RequestHead, _route: &Route) -> Result<(Iden
         None if auth.require_origin => return Err(ConnError::Origin),
         _ => {}
     }
-    let (source, token) = find_token(head, &auth.cookie_name, &auth.query_param).ok_or(AuthError::Missing)?;
+    let (source, token) =
+        find_token(head, &auth.cookie_name, &auth.query_param).ok_or(AuthError::Missing)?;
     let identity = gw.verifier.verify(&token).await?;
     Ok((identity, source))
 }
@@ -355,15 +547,31 @@ async fn relay(
     let started = Instant::now();
     tracing::debug!(event = "session_start", peer = %peer, route = %route.prefix, subject = identity.subject.as_deref().unwrap_or(""),
         token_source = source.name(), "session started");
-    let outcome = Session::new(&mut client, &mut upstream, client_rest, upstream_rest, limits, Some(expires_at))
-        .run(gw.signal.clone(), &registration.control)
-        .await;
+    let outcome = Session::new(
+        &mut client,
+        &mut upstream,
+        client_rest,
+        upstream_rest,
+        limits,
+        Some(expires_at),
+    )
+    .run(gw.signal.clone(), &registration.control)
+    .await;
     let duration = started.elapsed();
     gw.metrics.active_sessions.dec();
     gw.metrics.session_duration.observe(duration.as_secs_f64());
-    gw.metrics.relay_bytes.get_or_create(&[("direction", "client_to_upstream")]).inc_by(outcome.client_to_upstream);
-    gw.metrics.relay_bytes.get_or_create(&[("direction", "upstream_to_client")]).inc_by(outcome.upstream_to_client);
-    gw.metrics.session_closes.get_or_create(&[("reason", outcome.reason.label())]).inc();
+    gw.metrics
+        .relay_bytes
+        .get_or_create(&[("direction", "client_to_upstream")])
+        .inc_by(outcome.client_to_upstream);
+    gw.metrics
+        .relay_bytes
+        .get_or_create(&[("direction", "upstream_to_client")])
+        .inc_by(outcome.upstream_to_client);
+    gw.metrics
+        .session_closes
+        .get_or_create(&[("reason", outcome.reason.label())])
+        .inc();
     tracing::info!(
         event = "session_end",
         peer = %peer,
@@ -383,11 +591,21 @@ async fn relay(
 
 /// Answers a refused request, counts it and logs one line; the path is logged without its query (which may carry
 /// a token).
-async fn refuse(gw: &Gateway, io: &mut Io, peer: SocketAddr, head: Option<&RequestHead>, route: Option<&Route>, err: ConnError) {
+async fn refuse(
+    gw: &Gateway,
+    io: &mut Io,
+    peer: SocketAddr,
+    head: Option<&RequestHead>,
+    route: Option<&Route>,
+    err: ConnError,
+) {
     let resp = err.response();
     gw.metrics.reject(resp.status);
     if let ConnError::Auth(a) = &err {
-        gw.metrics.auth_failures.get_or_create(&[("reason", a.kind())]).inc();
+        gw.metrics
+            .auth_failures
+            .get_or_create(&[("reason", a.kind())])
+            .inc();
     }
     tracing::info!(
         event = "rejected",

@@ -43,7 +43,9 @@ impl Guards {
     /// A guard for one connection; `None` once the drain has started.
     #[must_use]
     pub fn guard(&self) -> Option<ConnectionGuard> {
-        self.tx.as_ref().map(|tx| ConnectionGuard { _tx: tx.clone() })
+        self.tx
+            .as_ref()
+            .map(|tx| ConnectionGuard { _tx: tx.clone() })
     }
 }
 
@@ -66,19 +68,27 @@ impl Drain {
     pub fn new() -> Drain {
         let (phase, _) = watch::channel(Phase::Running);
         let (tx, rx) = mpsc::channel(1);
-        Drain { phase, guard_tx: Some(tx), guard_rx: rx }
+        Drain {
+            phase,
+            guard_tx: Some(tx),
+            guard_rx: rx,
+        }
     }
 
     /// A receiver of the phase.
     #[must_use]
     pub fn signal(&self) -> Signal {
-        Signal { phase: self.phase.subscribe() }
+        Signal {
+            phase: self.phase.subscribe(),
+        }
     }
 
     /// What the accept loop hands out guards from; the drain completes only after it is dropped too.
     #[must_use]
     pub fn guards(&self) -> Guards {
-        Guards { tx: self.guard_tx.clone() }
+        Guards {
+            tx: self.guard_tx.clone(),
+        }
     }
 
     /// Runs the drain: `Draining` for up to `grace`, then `Closing` for up to `close_grace`.
@@ -86,11 +96,16 @@ impl Drain {
     pub async fn run(mut self, grace: Duration, close_grace: Duration) -> bool {
         self.phase.send_replace(Phase::Draining);
         self.guard_tx = None;
-        if tokio::time::timeout(grace, self.guard_rx.recv()).await.is_ok() {
+        if tokio::time::timeout(grace, self.guard_rx.recv())
+            .await
+            .is_ok()
+        {
             return true;
         }
         self.phase.send_replace(Phase::Closing);
-        tokio::time::timeout(close_grace, self.guard_rx.recv()).await.is_ok()
+        tokio::time::timeout(close_grace, self.guard_rx.recv())
+            .await
+            .is_ok()
     }
 }
 
@@ -121,7 +136,11 @@ mod tests {
             signal.reached(Phase::Closing).await;
             drop(guard);
         });
-        assert!(drain.run(Duration::from_secs(30), Duration::from_secs(5)).await);
+        assert!(
+            drain
+                .run(Duration::from_secs(30), Duration::from_secs(5))
+                .await
+        );
         task.await.expect("task");
     }
 
@@ -130,7 +149,11 @@ mod tests {
         let drain = Drain::new();
         let signal = drain.signal();
         let started = tokio::time::Instant::now();
-        assert!(drain.run(Duration::from_secs(30), Duration::from_secs(5)).await);
+        assert!(
+            drain
+                .run(Duration::from_secs(30), Duration::from_secs(5))
+                .await
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(signal.phase(), Phase::Draining);
     }

@@ -61,7 +61,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// # Errors
 /// See [`TlsError`].
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let cert_err = |message: String| TlsError::Cert { path: cert.to_owned(), message };
+    let cert_err = |message: String| TlsError::Cert {
+        path: cert.to_owned(),
+        message,
+    };
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -69,7 +72,10 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     if chain.is_empty() {
         return Err(cert_err("no CERTIFICATE block found".into()));
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key { path: key.to_owned(), message: e.to_string() })?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_owned(),
+        message: e.to_string(),
+    })?;
     certified_key(chain, der)
 }
 
@@ -77,8 +83,14 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 ///
 /// # Errors
 /// An unsupported key, or a key that does not match the certificate.
-pub fn certified_key(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<CertifiedKey, TlsError> {
-    let signing = provider().key_provider.load_private_key(key).map_err(|e| TlsError::Pair(e.to_string()))?;
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, TlsError> {
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Pair(e.to_string()))?;
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match().map_err(|e| TlsError::Pair(e.to_string()))?;
     Ok(ck)
@@ -98,7 +110,9 @@ pub fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, String> {
         return Err(format!("{}: no CERTIFICATE block found", path.display()));
     }
     for c in certs {
-        store.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+        store
+            .add(c)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(store)
 }
@@ -108,7 +122,9 @@ pub fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, String> {
 /// # Errors
 /// The CA file cannot be loaded.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     if let Some(path) = extra_ca {
         roots.roots.extend(load_ca_file(path)?.roots);
     }
@@ -119,6 +135,9 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
+
+/// Modification time, size and resolved path of one file.
+pub type FileStamp = (Option<SystemTime>, u64, Option<PathBuf>);
 
 /// The server certificate in use, swappable while handshakes run.
 #[derive(Debug)]
@@ -131,7 +150,10 @@ impl ReloadableCert {
     /// A fixed certificate (tests, `--dev`).
     #[must_use]
     pub fn fixed(ck: CertifiedKey) -> Arc<ReloadableCert> {
-        Arc::new(ReloadableCert { current: ArcSwap::from_pointee(ck), files: None })
+        Arc::new(ReloadableCert {
+            current: ArcSwap::from_pointee(ck),
+            files: None,
+        })
     }
 
     /// Loads the files now and remembers them for [`ReloadableCert::reload`].
@@ -140,7 +162,10 @@ impl ReloadableCert {
     /// As for [`load_certified_key`].
     pub fn from_files(cert: &Path, key: &Path) -> Result<Arc<ReloadableCert>, TlsError> {
         let ck = load_certified_key(cert, key)?;
-        Ok(Arc::new(ReloadableCert { current: ArcSwap::from_pointee(ck), files: Some((cert.into(), key.into())) }))
+        Ok(Arc::new(ReloadableCert {
+            current: ArcSwap::from_pointee(ck),
+            files: Some((cert.into(), key.into())),
+        }))
     }
 
     /// Reads the files again; on error the current certificate stays.
@@ -148,7 +173,9 @@ impl ReloadableCert {
     /// # Errors
     /// As for [`load_certified_key`]; nothing changes then.
     pub fn reload(&self) -> Result<bool, TlsError> {
-        let Some((cert, key)) = &self.files else { return Ok(false) };
+        let Some((cert, key)) = &self.files else {
+            return Ok(false);
+        };
         let ck = load_certified_key(cert, key)?;
         self.current.store(Arc::new(ck));
         Ok(true)
@@ -156,21 +183,29 @@ impl ReloadableCert {
 
     /// A fingerprint of the files (modification time, size, resolved path) to notice symlink swaps.
     #[must_use]
-    pub fn stamp(&self) -> Option<Vec<(Option<SystemTime>, u64, Option<PathBuf>)>> {
+    pub fn stamp(&self) -> Option<Vec<FileStamp>> {
         let (cert, key) = self.files.as_ref()?;
         Some(
             [cert, key]
                 .iter()
                 .map(|p| {
                     let meta = std::fs::metadata(p).ok();
-                    (meta.as_ref().and_then(|m| m.modified().ok()), meta.map_or(0, |m| m.len()), std::fs::canonicalize(p).ok())
+                    (
+                        meta.as_ref().and_then(|m| m.modified().ok()),
+                        meta.map_or(0, |m| m.len()),
+                        std::fs::canonicalize(p).ok(),
+                    )
                 })
                 .collect(),
         )
     }
 
     /// Polls the files every `period` and reloads when they change (cert-manager and kubelet swap a symlink).
-    pub async fn watch(self: Arc<Self>, period: Duration, on_result: impl Fn(Result<bool, TlsError>) + Send + 'static) {
+    pub async fn watch(
+        self: Arc<Self>,
+        period: Duration,
+        on_result: impl Fn(Result<bool, TlsError>) + Send + 'static,
+    ) {
         let mut last = self.stamp();
         if last.is_none() {
             return;
@@ -214,7 +249,8 @@ pub fn server_config(cert: Arc<ReloadableCert>) -> Result<Arc<rustls::ServerConf
 /// rcgen fails to generate the key or certificate.
 pub fn self_signed(names: &[&str]) -> Result<(CertifiedKey, String), String> {
     let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-    let rcgen::CertifiedKey { cert, signing_key } = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
     let pem = cert.pem();
     let key = PrivateKeyDer::try_from(signing_key.serialize_der()).map_err(|e| e.to_string())?;
     let ck = certified_key(vec![cert.der().clone()], key).map_err(|e| e.to_string())?;

@@ -71,7 +71,9 @@ impl RequestHead {
     /// Whether a comma-separated header contains `token` (case-insensitive).
     #[must_use]
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.values(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+        self.values(name)
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 }
 
@@ -123,14 +125,17 @@ impl UpgradeError {
             UpgradeError::Malformed(why) => Response::new(400, format!("bad request: {why}")),
             UpgradeError::TooLarge => Response::new(431, "request header fields too large"),
             UpgradeError::NoRoute => Response::new(404, "no route for this path"),
-            UpgradeError::Method => Response::new(405, "only GET upgrades are served").header("Allow", "GET"),
-            UpgradeError::UpgradeRequired => Response::new(426, "this endpoint serves WebSocket upgrades only")
-                .header("Upgrade", "websocket")
-                .header("Connection", "Upgrade")
-                .header("Sec-WebSocket-Version", "13"),
-            UpgradeError::Version => {
-                Response::new(400, "unsupported Sec-WebSocket-Version").header("Sec-WebSocket-Version", "13")
+            UpgradeError::Method => {
+                Response::new(405, "only GET upgrades are served").header("Allow", "GET")
             }
+            UpgradeError::UpgradeRequired => {
+                Response::new(426, "this endpoint serves WebSocket upgrades only")
+                    .header("Upgrade", "websocket")
+                    .header("Connection", "Upgrade")
+                    .header("Sec-WebSocket-Version", "13")
+            }
+            UpgradeError::Version => Response::new(400, "unsupported Sec-WebSocket-Version")
+                .header("Sec-WebSocket-Version", "13"),
             UpgradeError::Key => Response::new(400, "missing or invalid Sec-WebSocket-Key"),
         }
     }
@@ -149,7 +154,10 @@ pub enum ReadHead {
 ///
 /// # Errors
 /// [`UpgradeError::TooLarge`] or [`UpgradeError::Malformed`] wrapped in `Ok(Err(..))`; I/O errors as `Err`.
-pub async fn read_head<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Result<Result<ReadHead, UpgradeError>> {
+pub async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> io::Result<Result<ReadHead, UpgradeError>> {
     let mut buf = Vec::with_capacity(1024.min(max));
     loop {
         if buf.len() >= max {
@@ -198,9 +206,20 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, UpgradeErr
     let headers = req
         .headers
         .iter()
-        .map(|h| Header { name: h.name.to_owned(), value: h.value.to_vec() })
+        .map(|h| Header {
+            name: h.name.to_owned(),
+            value: h.value.to_vec(),
+        })
         .collect();
-    Ok(Some((RequestHead { method, target, minor_version: req.version.unwrap_or(0), headers }, used)))
+    Ok(Some((
+        RequestHead {
+            method,
+            target,
+            minor_version: req.version.unwrap_or(0),
+            headers,
+        },
+        used,
+    )))
 }
 
 fn has_dot_segment(target: &str) -> bool {
@@ -229,11 +248,17 @@ pub fn check_upgrade(head: &RequestHead) -> Result<(), UpgradeError> {
     if !head.has_token("Upgrade", "websocket") || !head.has_token("Connection", "upgrade") {
         return Err(UpgradeError::UpgradeRequired);
     }
-    match head.single("Sec-WebSocket-Version").map_err(|_| UpgradeError::Version)? {
+    match head
+        .single("Sec-WebSocket-Version")
+        .map_err(|_| UpgradeError::Version)?
+    {
         Some(v) if v.trim() == "13" => {}
         _ => return Err(UpgradeError::Version),
     }
-    let key = head.single("Sec-WebSocket-Key").map_err(|_| UpgradeError::Key)?.ok_or(UpgradeError::Key)?;
+    let key = head
+        .single("Sec-WebSocket-Key")
+        .map_err(|_| UpgradeError::Key)?
+        .ok_or(UpgradeError::Key)?;
     match base64::engine::general_purpose::STANDARD.decode(key.trim()) {
         Ok(raw) if raw.len() == 16 => Ok(()),
         _ => Err(UpgradeError::Key),
@@ -262,7 +287,11 @@ impl Response {
     /// A response with a plain-text body (a newline is added).
     #[must_use]
     pub fn new(status: u16, body: impl Into<String>) -> Response {
-        Response { status, headers: Vec::new(), body: body.into() }
+        Response {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+        }
     }
 
     /// Adds a header.
@@ -275,7 +304,11 @@ impl Response {
     /// The bytes on the wire; every response closes the connection.
     #[must_use]
     pub fn to_bytes(&self, content_type: &str) -> Vec<u8> {
-        let body = if self.body.is_empty() || self.body.ends_with('\n') { self.body.clone() } else { format!("{}\n", self.body) };
+        let body = if self.body.is_empty() || self.body.ends_with('\n') {
+            self.body.clone()
+        } else {
+            format!("{}\n", self.body)
+        };
         let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (n, v) in &self.headers {
             out.push_str(&format!("{n}: {v}\r\n"));
@@ -292,7 +325,8 @@ impl Response {
     /// # Errors
     /// The peer is gone.
     pub async fn send<W: AsyncWrite + Unpin>(&self, io: &mut W) -> io::Result<()> {
-        io.write_all(&self.to_bytes("text/plain; charset=utf-8")).await?;
+        io.write_all(&self.to_bytes("text/plain; charset=utf-8"))
+            .await?;
         io.flush().await?;
         io.shutdown().await
     }
@@ -341,7 +375,10 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 
     #[test]
     fn rfc6455_accept_example() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -358,15 +395,28 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             let err = check_upgrade(&head(raw.as_bytes())).expect_err(&raw);
             assert_eq!(err.response().status, status, "{raw}");
         }
-        assert!(matches!(parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n"), Err(UpgradeError::Malformed(_))));
-        assert!(matches!(parse_head(b"GET /a/%2E%2e/b HTTP/1.1\r\n\r\n"), Err(UpgradeError::Malformed(_))));
-        assert!(matches!(parse_head(b"GET http://x/ HTTP/1.1\r\n\r\n"), Err(UpgradeError::Malformed(_))));
-        assert!(matches!(parse_head(b"\x16\x03\x01garbage\r\n\r\n"), Err(UpgradeError::Malformed(_))));
+        assert!(matches!(
+            parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n"),
+            Err(UpgradeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_head(b"GET /a/%2E%2e/b HTTP/1.1\r\n\r\n"),
+            Err(UpgradeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_head(b"GET http://x/ HTTP/1.1\r\n\r\n"),
+            Err(UpgradeError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n"),
+            Err(UpgradeError::Malformed(_))
+        ));
     }
 
     #[test]
     fn bad_version_answer_names_13() {
-        let bytes = String::from_utf8(UpgradeError::Version.response().to_bytes("text/plain")).expect("utf8");
+        let bytes = String::from_utf8(UpgradeError::Version.response().to_bytes("text/plain"))
+            .expect("utf8");
         assert!(bytes.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(bytes.contains("Sec-WebSocket-Version: 13\r\n"));
     }

@@ -75,7 +75,10 @@ pub struct UpstreamRequest {
 pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) -> UpstreamRequest {
     let query = head.query().and_then(|q| strip_query(q, fwd.query_param));
     let target = route.upstream_target(head.path(), query.as_deref());
-    let mut out = format!("GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n", route.upstream.authority);
+    let mut out = format!(
+        "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+        route.upstream.authority
+    );
 
     let listed_in_connection: Vec<String> = head
         .values("Connection")
@@ -89,12 +92,22 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         if DROPPED.contains(&lower.as_str())
             || (fwd.no_extensions && lower == "sec-websocket-extensions")
             || listed_in_connection.contains(&lower)
-            || fwd.claim_headers.iter().any(|(_, name)| name.eq_ignore_ascii_case(&lower))
+            || fwd
+                .claim_headers
+                .iter()
+                .any(|(_, name)| name.eq_ignore_ascii_case(&lower))
         {
             continue;
         }
-        let Ok(value) = std::str::from_utf8(&h.value) else { continue };
-        if lower == "authorization" && value.trim().get(..7).is_some_and(|s| s.eq_ignore_ascii_case("bearer ")) {
+        let Ok(value) = std::str::from_utf8(&h.value) else {
+            continue;
+        };
+        if lower == "authorization"
+            && value
+                .trim()
+                .get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
+        {
             continue;
         }
         if lower == "sec-websocket-key" {
@@ -111,22 +124,36 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         Vec::new()
     };
     if !offered.is_empty() {
-        out.push_str(&format!("Sec-WebSocket-Protocol: {}\r\n", offered.join(", ")));
+        out.push_str(&format!(
+            "Sec-WebSocket-Protocol: {}\r\n",
+            offered.join(", ")
+        ));
     }
-    let cookies: Vec<String> = head.values("Cookie").filter_map(|c| strip_cookie(c, fwd.cookie_name)).collect();
+    let cookies: Vec<String> = head
+        .values("Cookie")
+        .filter_map(|c| strip_cookie(c, fwd.cookie_name))
+        .collect();
     if !cookies.is_empty() {
         out.push_str(&format!("Cookie: {}\r\n", cookies.join("; ")));
     }
 
     let ip = fwd.client_ip.to_string();
     let prior: Vec<&str> = head.values("X-Forwarded-For").collect();
-    let xff = if prior.is_empty() { ip.clone() } else { format!("{}, {ip}", prior.join(", ")) };
+    let xff = if prior.is_empty() {
+        ip.clone()
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
     let proto = if fwd.tls {
         "https".to_owned()
     } else {
-        head.values("X-Forwarded-Proto").next().map_or_else(|| "http".to_owned(), |p| p.trim().to_owned())
+        head.values("X-Forwarded-Proto")
+            .next()
+            .map_or_else(|| "http".to_owned(), |p| p.trim().to_owned())
     };
-    out.push_str(&format!("X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\nX-Real-IP: {ip}\r\n"));
+    out.push_str(&format!(
+        "X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\nX-Real-IP: {ip}\r\n"
+    ));
     if let Some(host) = head.values("Host").next() {
         out.push_str(&format!("X-Forwarded-Host: {}\r\n", host.trim()));
     }
@@ -137,7 +164,11 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         out.push_str(&format!("{name}: {value}\r\n"));
     }
     out.push_str("\r\n");
-    UpstreamRequest { bytes: out.into_bytes(), key, offered }
+    UpstreamRequest {
+        bytes: out.into_bytes(),
+        key,
+        offered,
+    }
 }
 
 /// Why the upstream could not be used; every variant answers the client 502.
@@ -211,18 +242,28 @@ pub async fn connect(
             buf.extend_from_slice(&chunk[..n]);
             if let Some((used, protocol)) = check_response(&buf, req)? {
                 let rest = buf.split_off(used);
-                return Ok(Connected { io, response: buf, rest, protocol });
+                return Ok(Connected {
+                    io,
+                    response: buf,
+                    rest,
+                    protocol,
+                });
             }
             if buf.len() > MAX_RESPONSE_HEAD {
                 return Err(UpstreamError::Handshake("response head too large"));
             }
         }
     };
-    tokio::time::timeout(limit, attempt).await.map_err(|_| UpstreamError::Timeout)?
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
 }
 
 /// Checks a complete 101; `Ok(None)` while incomplete.
-fn check_response(buf: &[u8], req: &UpstreamRequest) -> Result<Option<(usize, Option<String>)>, UpstreamError> {
+fn check_response(
+    buf: &[u8],
+    req: &UpstreamRequest,
+) -> Result<Option<(usize, Option<String>)>, UpstreamError> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let used = match resp.parse(buf) {
@@ -243,10 +284,16 @@ fn check_response(buf: &[u8], req: &UpstreamRequest) -> Result<Option<(usize, Op
             .map(|t| t.trim().to_owned())
             .collect()
     };
-    if !values("Upgrade").iter().any(|v| v.eq_ignore_ascii_case("websocket")) {
+    if !values("Upgrade")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case("websocket"))
+    {
         return Err(UpstreamError::Handshake("no Upgrade: websocket"));
     }
-    if !values("Connection").iter().any(|v| v.eq_ignore_ascii_case("upgrade")) {
+    if !values("Connection")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case("upgrade"))
+    {
         return Err(UpstreamError::Handshake("no Connection: upgrade"));
     }
     let accept = values("Sec-WebSocket-Accept");
@@ -282,7 +329,12 @@ X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
             preserve_query: true,
             mqtt_connect_auth: None,
         };
-        let identity = Identity { subject: Some("alice".into()), token_id: None, expires_at: 0, forwarded: vec![] };
+        let identity = Identity {
+            subject: Some("alice".into()),
+            token_id: None,
+            expires_at: 0,
+            forwarded: vec![],
+        };
         let fwd = Forwarding {
             client_ip: "192.0.2.7".parse().expect("ip"),
             tls: true,
@@ -295,27 +347,51 @@ X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
         let req = build_request(&head, &route, &fwd);
         let text = String::from_utf8(req.bytes).expect("utf8");
         assert!(!text.contains("SECRET"), "{text}");
-        assert!(text.starts_with("GET /mqtt?room=1 HTTP/1.1\r\nHost: broker:9001\r\n"), "{text}");
+        assert!(
+            text.starts_with("GET /mqtt?room=1 HTTP/1.1\r\nHost: broker:9001\r\n"),
+            "{text}"
+        );
         assert!(!text.contains("X-Hop"), "{text}");
-        assert!(text.contains("X-Auth-Subject: alice\r\n") && !text.contains("mallory"), "{text}");
+        assert!(
+            text.contains("X-Auth-Subject: alice\r\n") && !text.contains("mallory"),
+            "{text}"
+        );
         assert!(text.contains("Sec-WebSocket-Protocol: mqtt\r\n"), "{text}");
         assert!(text.contains("Cookie: theme=dark\r\n"), "{text}");
-        assert!(text.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"), "{text}");
-        assert!(text.contains("X-Forwarded-Proto: https\r\nX-Real-IP: 192.0.2.7\r\n"), "{text}");
+        assert!(
+            text.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("X-Forwarded-Proto: https\r\nX-Real-IP: 192.0.2.7\r\n"),
+            "{text}"
+        );
         assert_eq!(req.key, "dGhlIHNhbXBsZSBub25jZQ==");
         assert_eq!(req.offered, vec!["mqtt".to_owned()]);
     }
 
     #[test]
     fn response_checks() {
-        let req = UpstreamRequest { bytes: vec![], key: "dGhlIHNhbXBsZSBub25jZQ==".into(), offered: vec!["mqtt".into()] };
-        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        let req = UpstreamRequest {
+            bytes: vec![],
+            key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+            offered: vec!["mqtt".into()],
+        };
+        let ok =
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: mqtt\r\n\r\nDATA";
-        let (used, proto) = check_response(ok.as_bytes(), &req).expect("ok").expect("complete");
+        let (used, proto) = check_response(ok.as_bytes(), &req)
+            .expect("ok")
+            .expect("complete");
         assert_eq!((&ok[used..], proto.as_deref()), ("DATA", Some("mqtt")));
         assert!(check_response(ok.replace("s3pP", "xxxx").as_bytes(), &req).is_err());
         assert!(check_response(ok.replace("mqtt", "bearer.x").as_bytes(), &req).is_err());
-        assert!(matches!(check_response(b"HTTP/1.1 403 Forbidden\r\n\r\n", &req), Err(UpstreamError::Status(403))));
-        assert!(check_response(&ok.as_bytes()[..30], &req).expect("partial").is_none());
+        assert!(matches!(
+            check_response(b"HTTP/1.1 403 Forbidden\r\n\r\n", &req),
+            Err(UpstreamError::Status(403))
+        ));
+        assert!(check_response(&ok.as_bytes()[..30], &req)
+            .expect("partial")
+            .is_none());
     }
 }

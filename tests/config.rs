@@ -14,18 +14,36 @@ fn check(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
-const BASE: &[(&str, &str)] = &[("JWKS_URL", "https://idp.example/certs"), ("UPSTREAM_WS_URL", "ws://broker:9001/ws")];
+const BASE: &[(&str, &str)] = &[
+    ("JWKS_URL", "https://idp.example/certs"),
+    ("UPSTREAM_WS_URL", "ws://broker:9001/ws"),
+];
 
 #[test]
 fn a_valid_configuration_passes() {
     let pki = Pki::new();
-    let (code, out) = check(&["--tls-cert", pki.gw_cert.to_str().expect("p"), "--tls-key", pki.gw_key.to_str().expect("p")], BASE);
+    let (code, out) = check(
+        &[
+            "--tls-cert",
+            pki.gw_cert.to_str().expect("p"),
+            "--tls-key",
+            pki.gw_key.to_str().expect("p"),
+        ],
+        BASE,
+    );
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("configuration OK") && out.contains("tls=true"), "{out}");
+    assert!(
+        out.contains("configuration OK") && out.contains("tls=true"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -37,18 +55,65 @@ fn each_bad_setting_is_named() {
     let garbage = dir.path("garbage.pem");
     std::fs::write(&garbage, "not pem").expect("write");
     let cert = pki.gw_cert.to_str().expect("p");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["--tls-cert", cert], vec![], "TLS_KEY_FILE"),
-        (vec!["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], vec![], "TLS_CERT_FILE"),
-        (vec!["--tls-cert", cert, "--tls-key", garbage.to_str().expect("p")], vec![], "TLS_KEY_FILE"),
-        (vec![], vec![("UPSTREAM_WS_URL", "http://broker/")], "UPSTREAM_WS_URL"),
-        (vec!["--route-file", bad_routes.to_str().expect("p")], vec![], "ROUTE_FILE"),
-        (vec![], vec![("WS_IDLE_TIMEOUT_SECONDS", "soon")], "--ws-idle-timeout-seconds"),
-        (vec![], vec![("JWT_VALID_ALGORITHMS", "HS256")], "JWT_VALID_ALGORITHMS"),
-        (vec![], vec![("WS_ALLOWED_ORIGINS", "example.com")], "WS_ALLOWED_ORIGINS"),
+        (
+            vec![
+                "--tls-cert",
+                "/nonexistent.pem",
+                "--tls-key",
+                "/nonexistent.key",
+            ],
+            vec![],
+            "TLS_CERT_FILE",
+        ),
+        (
+            vec![
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                garbage.to_str().expect("p"),
+            ],
+            vec![],
+            "TLS_KEY_FILE",
+        ),
+        (
+            vec![],
+            vec![("UPSTREAM_WS_URL", "http://broker/")],
+            "UPSTREAM_WS_URL",
+        ),
+        (
+            vec!["--route-file", bad_routes.to_str().expect("p")],
+            vec![],
+            "ROUTE_FILE",
+        ),
+        (
+            vec![],
+            vec![("WS_IDLE_TIMEOUT_SECONDS", "soon")],
+            "--ws-idle-timeout-seconds",
+        ),
+        (
+            vec![],
+            vec![("JWT_VALID_ALGORITHMS", "HS256")],
+            "JWT_VALID_ALGORITHMS",
+        ),
+        (
+            vec![],
+            vec![("WS_ALLOWED_ORIGINS", "example.com")],
+            "WS_ALLOWED_ORIGINS",
+        ),
         (vec![], vec![("JWKS_URL", "ftp://idp/")], "JWKS_URL"),
-        (vec![], vec![("PROXY_PROTOCOL", "true")], "PROXY_PROTOCOL_TRUSTED_CIDRS"),
-        (vec![], vec![("REDIS_URL", "http://redis:6379")], "REDIS_URL"),
+        (
+            vec![],
+            vec![("PROXY_PROTOCOL", "true")],
+            "PROXY_PROTOCOL_TRUSTED_CIDRS",
+        ),
+        (
+            vec![],
+            vec![("REDIS_URL", "http://redis:6379")],
+            "REDIS_URL",
+        ),
         (vec![], vec![("LOG_FORMAT", "yaml")], "--log-format"),
     ];
     for (args, extra, needle) in cases {
@@ -59,7 +124,10 @@ fn each_bad_setting_is_named() {
         }
         let (code, out) = check(&args, &env);
         assert_eq!(code, 1, "{args:?} {extra:?}: {out}");
-        assert!(out.contains(needle), "{args:?} {extra:?} should name {needle}: {out}");
+        assert!(
+            out.contains(needle),
+            "{args:?} {extra:?} should name {needle}: {out}"
+        );
     }
     let (code, out) = check(&[], &[("UPSTREAM_WS_URL", "ws://b/")]);
     assert_eq!(code, 1);
@@ -100,15 +168,40 @@ upstream_ws_url = \"{}\"\nws_idle_timeout_seconds = 1\ntls_cert_file = \"{}\"\nt
     )
     .expect("write");
     let gw = Gateway::spawn(
-        &["--config".into(), file.to_str().expect("p").into(), "--jwt-cookie-name".into(), "flagcookie".into()],
-        &[("JWT_EXPECTED_ISSUER", ISSUER.to_owned()), ("JWT_COOKIE_NAME", "envcookie".to_owned())],
+        &[
+            "--config".into(),
+            file.to_str().expect("p").into(),
+            "--jwt-cookie-name".into(),
+            "flagcookie".into(),
+        ],
+        &[
+            ("JWT_EXPECTED_ISSUER", ISSUER.to_owned()),
+            ("JWT_COOKIE_NAME", "envcookie".to_owned()),
+        ],
     );
     gw.wait_ready().await;
     let token = env.token();
     // Env issuer won over the file's; the flag's cookie name won over env's.
-    let mut ws = connect_ws(&env.pki, &gw, "/", &[("Cookie", &format!("flagcookie={token}"))]).await.expect("flag cookie");
+    let mut ws = connect_ws(
+        &env.pki,
+        &gw,
+        "/",
+        &[("Cookie", &format!("flagcookie={token}"))],
+    )
+    .await
+    .expect("flag cookie");
     assert_eq!(next_text(&mut ws).await, "hello from echo");
-    assert_eq!(connect_ws(&env.pki, &gw, "/", &[("Cookie", &format!("envcookie={token}"))]).await.err(), Some(401));
+    assert_eq!(
+        connect_ws(
+            &env.pki,
+            &gw,
+            "/",
+            &[("Cookie", &format!("envcookie={token}"))]
+        )
+        .await
+        .err(),
+        Some(401)
+    );
     // The file's idle timeout applies (default would be 60 s).
     let (code, _) = next_close(&mut ws).await;
     assert_eq!(code, 1001);

@@ -15,11 +15,12 @@ fn connect(level: u8, password: Option<&str>) -> Vec<u8> {
     if level == 5 {
         body.push(0);
     }
-    for field in [Some("client-7"), password.map(|_| "anyone"), password] {
-        if let Some(f) = field {
-            body.extend_from_slice(&(f.len() as u16).to_be_bytes());
-            body.extend_from_slice(f.as_bytes());
-        }
+    for f in [Some("client-7"), password.map(|_| "anyone"), password]
+        .into_iter()
+        .flatten()
+    {
+        body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
     }
     let mut out = vec![0x10];
     let mut len = body.len();
@@ -51,15 +52,31 @@ async fn a_valid_password_token_opens_the_session_and_the_connect_is_forwarded_u
     let gw = env.gateway(&[]).await;
     for level in [4, 5] {
         let token = env.signer.valid("iot-device", 300);
-        let mut ws = connect_ws(&env.pki, &gw, "/mqtt", &[("Sec-WebSocket-Protocol", "mqtt")]).await.expect("101 from the gateway");
+        let mut ws = connect_ws(
+            &env.pki,
+            &gw,
+            "/mqtt",
+            &[("Sec-WebSocket-Protocol", "mqtt")],
+        )
+        .await
+        .expect("101 from the gateway");
         let packet = connect(level, Some(&token));
-        within(ws.send(Message::binary(packet.clone()))).await.expect("send CONNECT");
+        within(ws.send(Message::binary(packet.clone())))
+            .await
+            .expect("send CONNECT");
         // The echo upstream returns the CONNECT it received: byte for byte what the client sent.
         assert_eq!(next_binary(&mut ws).await, packet);
         let seen = env.upstream.last();
-        assert_eq!(seen.header("x-auth-subject"), Some("iot-device"), "{}", seen.raw());
+        assert_eq!(
+            seen.header("x-auth-subject"),
+            Some("iot-device"),
+            "{}",
+            seen.raw()
+        );
         assert_eq!(seen.header("sec-websocket-protocol"), Some("mqtt"));
-        within(ws.send(Message::binary(vec![0xc0, 0x00]))).await.expect("PINGREQ");
+        within(ws.send(Message::binary(vec![0xc0, 0x00])))
+            .await
+            .expect("PINGREQ");
         assert_eq!(next_binary(&mut ws).await, vec![0xc0, 0x00]);
         assert!(!gw.logs().join("\n").contains(&token));
     }
@@ -73,10 +90,23 @@ async fn a_bad_or_missing_password_gets_connack_not_authorized_and_1008() {
     for (level, password, connack) in [
         (4, None, vec![0x20, 0x02, 0x00, 0x05]),
         (4, Some("garbage"), vec![0x20, 0x02, 0x00, 0x05]),
-        (5, Some(expired.as_str()), vec![0x20, 0x03, 0x00, 0x87, 0x00]),
+        (
+            5,
+            Some(expired.as_str()),
+            vec![0x20, 0x03, 0x00, 0x87, 0x00],
+        ),
     ] {
-        let mut ws = connect_ws(&env.pki, &gw, "/mqtt", &[("Sec-WebSocket-Protocol", "mqtt")]).await.expect("101");
-        within(ws.send(Message::binary(connect(level, password)))).await.expect("send");
+        let mut ws = connect_ws(
+            &env.pki,
+            &gw,
+            "/mqtt",
+            &[("Sec-WebSocket-Protocol", "mqtt")],
+        )
+        .await
+        .expect("101");
+        within(ws.send(Message::binary(connect(level, password))))
+            .await
+            .expect("send");
         assert_eq!(next_binary(&mut ws).await, connack, "level {level}");
         let (code, reason) = next_close(&mut ws).await;
         assert_eq!((code, reason.as_str()), (1008, "not authorized"));
@@ -88,7 +118,17 @@ async fn a_bad_or_missing_password_gets_connack_not_authorized_and_1008() {
 async fn the_password_path_can_be_turned_off() {
     let env = Env::new().await;
     let gw = env.gateway(&["--mqtt-connect-auth", "false"]).await;
-    assert_eq!(connect_ws(&env.pki, &gw, "/mqtt", &[("Sec-WebSocket-Protocol", "mqtt")]).await.err(), Some(401));
+    assert_eq!(
+        connect_ws(
+            &env.pki,
+            &gw,
+            "/mqtt",
+            &[("Sec-WebSocket-Protocol", "mqtt")]
+        )
+        .await
+        .err(),
+        Some(401)
+    );
     // Without the mqtt subprotocol, a missing token is a plain 401 as well.
     let gw = env.gateway(&[]).await;
     assert_eq!(connect_ws(&env.pki, &gw, "/", &[]).await.err(), Some(401));

@@ -16,7 +16,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
@@ -24,17 +27,28 @@ fn metric(text: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn metrics_count_real_traffic() {
     let env = Env::new().await;
-    let gw = env.gateway(&["--ws-allowed-origins", "https://app.example.com"]).await;
+    let gw = env
+        .gateway(&["--ws-allowed-origins", "https://app.example.com"])
+        .await;
     let mut ws = ws_ok(&env, &gw, "/").await;
     within(ws.send(Message::text("12345"))).await.expect("send");
     assert_eq!(next_text(&mut ws).await, "12345");
     within(ws.close(None)).await.expect("close");
     drop(ws);
-    assert_eq!(status_of(&raw(&env.pki, gw.addr, upgrade("/", "").as_bytes()).await), 401);
+    assert_eq!(
+        status_of(&raw(&env.pki, gw.addr, upgrade("/", "").as_bytes()).await),
+        401
+    );
     let auth = format!("Authorization: Bearer {}\r\n", env.token());
     let forbidden = upgrade("/", &format!("{auth}Origin: https://evil.example\r\n"));
-    assert_eq!(status_of(&raw(&env.pki, gw.addr, forbidden.as_bytes()).await), 403);
-    assert_eq!(status_of(&raw(&env.pki, gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await), 426);
+    assert_eq!(
+        status_of(&raw(&env.pki, gw.addr, forbidden.as_bytes()).await),
+        403
+    );
+    assert_eq!(
+        status_of(&raw(&env.pki, gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await),
+        426
+    );
     gw.wait_log(&["session_end"]).await;
 
     let (status, text) = gw.admin_get("/metrics").await;
@@ -42,19 +56,44 @@ async fn metrics_count_real_traffic() {
     assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text");
     assert_eq!(metric(&text, "ws_connections_total"), 4.0);
     assert_eq!(metric(&text, "ws_auth_success_total"), 1.0);
-    assert_eq!(metric(&text, "ws_auth_failures_total{reason=\"missing_token\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "ws_auth_failures_total{reason=\"missing_token\"}"),
+        1.0
+    );
     assert_eq!(metric(&text, "ws_rejections_total{status=\"401\"}"), 1.0);
     assert_eq!(metric(&text, "ws_rejections_total{status=\"403\"}"), 1.0);
     assert_eq!(metric(&text, "ws_rejections_total{status=\"426\"}"), 1.0);
     assert_eq!(metric(&text, "ws_active_sessions"), 0.0);
     assert_eq!(metric(&text, "ws_connection_duration_seconds_count"), 1.0);
     assert_eq!(metric(&text, "ws_handshake_duration_seconds_count"), 1.0);
-    assert_eq!(metric(&text, "ws_protocol_connections_total{protocol=\"none\"}"), 1.0);
-    assert_eq!(metric(&text, "ws_session_closes_total{reason=\"closed\"}"), 1.0);
+    assert_eq!(
+        metric(&text, "ws_protocol_connections_total{protocol=\"none\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "ws_session_closes_total{reason=\"closed\"}"),
+        1.0
+    );
     // "12345" masked from the client (11 bytes) and a Close frame; greeting + echo + Close back.
-    assert!(metric(&text, "ws_relay_bytes_total{direction=\"client_to_upstream\"}") >= 11.0);
-    assert!(metric(&text, "ws_relay_bytes_total{direction=\"upstream_to_client\"}") >= 24.0);
-    assert_eq!(metric(&text, "ws_jwks_refreshes_total{result=\"ok\",trigger=\"start\"}"), 1.0);
+    assert!(
+        metric(
+            &text,
+            "ws_relay_bytes_total{direction=\"client_to_upstream\"}"
+        ) >= 11.0
+    );
+    assert!(
+        metric(
+            &text,
+            "ws_relay_bytes_total{direction=\"upstream_to_client\"}"
+        ) >= 24.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "ws_jwks_refreshes_total{result=\"ok\",trigger=\"start\"}"
+        ),
+        1.0
+    );
     assert!(metric(&text, "ws_jwks_key_age_seconds") >= 0.0);
     assert_eq!(metric(&text, "ws_draining"), 0.0);
     assert!(!text.contains("alice"), "no per-user labels");
@@ -67,40 +106,86 @@ async fn every_log_line_is_json_with_the_fields_and_no_secret() {
     let token = env.token();
     let cookie_token = env.signer.valid("bob", 300);
     let query_token = env.signer.valid("carol", 300);
-    let mut ws = connect_ws(&env.pki, &gw, "/", &[("Cookie", &format!("session={cookie_token}"))]).await.expect("cookie");
+    let mut ws = connect_ws(
+        &env.pki,
+        &gw,
+        "/",
+        &[("Cookie", &format!("session={cookie_token}"))],
+    )
+    .await
+    .expect("cookie");
     assert_eq!(next_text(&mut ws).await, "hello from echo");
     within(ws.close(None)).await.expect("close");
     drop(ws);
-    let mut ws = connect_ws(&env.pki, &gw, &format!("/q?access_token={query_token}"), &[]).await.expect("query");
+    let mut ws = connect_ws(
+        &env.pki,
+        &gw,
+        &format!("/q?access_token={query_token}"),
+        &[],
+    )
+    .await
+    .expect("query");
     assert_eq!(next_text(&mut ws).await, "hello from echo");
     drop(ws);
     let bad = format!("{}x", token);
-    assert_eq!(status_of(&raw(&env.pki, gw.addr, upgrade(&format!("/?access_token={bad}"), "").as_bytes()).await), 401);
+    assert_eq!(
+        status_of(
+            &raw(
+                &env.pki,
+                gw.addr,
+                upgrade(&format!("/?access_token={bad}"), "").as_bytes()
+            )
+            .await
+        ),
+        401
+    );
     let line = gw.wait_log(&["session_end", "\"subject\":\"bob\""]).await;
     gw.wait_log(&["session_end", "\"subject\":\"carol\""]).await;
 
     let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-    for field in ["timestamp", "level", "message", "event", "peer", "route", "subject", "duration_ms",
-                  "bytes_client_to_upstream", "bytes_upstream_to_client", "close_reason"] {
+    for field in [
+        "timestamp",
+        "level",
+        "message",
+        "event",
+        "peer",
+        "route",
+        "subject",
+        "duration_ms",
+        "bytes_client_to_upstream",
+        "bytes_upstream_to_client",
+        "close_reason",
+    ] {
         assert!(v.get(field).is_some(), "session_end lacks {field}: {line}");
     }
     for l in gw.logs() {
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-        assert!(v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(), "{l}");
+        let v: serde_json::Value =
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(),
+            "{l}"
+        );
         for secret in [&token, &cookie_token, &query_token, &bad] {
             let sig = secret.rsplit('.').next().expect("sig");
             assert!(!l.contains(sig), "a token reached the logs: {l}");
         }
-        assert!(!l.contains("access_token"), "a token-bearing query reached the logs: {l}");
+        assert!(
+            !l.contains("access_token"),
+            "a token-bearing query reached the logs: {l}"
+        );
     }
-    let rejected = gw.wait_log(&["\"event\":\"rejected\"", "\"status\":401"]).await;
+    let rejected = gw
+        .wait_log(&["\"event\":\"rejected\"", "\"status\":401"])
+        .await;
     assert!(rejected.contains("\"path\":\"/\""), "{rejected}");
 }
 
 #[tokio::test]
 async fn sigterm_drains_then_sends_1001_and_exits_0() {
     let env = Env::new().await;
-    let mut gw = env.gateway(&["--graceful-drain-timeout-seconds", "2"]).await;
+    let mut gw = env
+        .gateway(&["--graceful-drain-timeout-seconds", "2"])
+        .await;
     let mut ws = ws_ok(&env, &gw, "/").await;
     let signalled = Instant::now();
     gw.signal("TERM");
@@ -118,16 +203,24 @@ async fn sigterm_drains_then_sends_1001_and_exits_0() {
     })
     .await;
     // The open session keeps working during the drain.
-    within(ws.send(Message::text("during drain"))).await.expect("send");
+    within(ws.send(Message::text("during drain")))
+        .await
+        .expect("send");
     assert_eq!(next_text(&mut ws).await, "during drain");
     let (code, reason) = next_close(&mut ws).await;
     assert_eq!((code, reason.as_str()), (1001, "going away"));
     let waited = signalled.elapsed();
-    assert!(waited >= Duration::from_millis(1800), "closed before the drain deadline: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1800),
+        "closed before the drain deadline: {waited:?}"
+    );
     let status = gw.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     let logs = gw.logs().join("\n");
-    assert!(logs.contains("drain_started") && logs.contains("\"close_reason\":\"drain\""), "{logs}");
+    assert!(
+        logs.contains("drain_started") && logs.contains("\"close_reason\":\"drain\""),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +232,9 @@ async fn sigterm_with_no_sessions_exits_at_once_and_a_second_signal_forces() {
     assert!(gw.wait_exit(Duration::from_secs(5)).success());
     assert!(started.elapsed() < Duration::from_secs(3));
 
-    let mut gw = env.gateway(&["--graceful-drain-timeout-seconds", "30"]).await;
+    let mut gw = env
+        .gateway(&["--graceful-drain-timeout-seconds", "30"])
+        .await;
     let _ws = ws_ok(&env, &gw, "/").await;
     gw.signal("TERM");
     gw.wait_log(&["drain_started"]).await;
@@ -155,12 +250,22 @@ async fn peer_cert(pki: &Pki, addr: std::net::SocketAddr) -> Vec<u8> {
     config.resumption = rustls::client::Resumption::disabled();
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tls = within(connector.connect(ServerName::try_from("localhost").expect("n"), tcp)).await.expect("tls");
-    tls.get_ref().1.peer_certificates().expect("certs")[0].as_ref().to_vec()
+    let tls = within(connector.connect(ServerName::try_from("localhost").expect("n"), tcp))
+        .await
+        .expect("tls");
+    tls.get_ref().1.peer_certificates().expect("certs")[0]
+        .as_ref()
+        .to_vec()
 }
 
 fn der(path: &std::path::Path) -> Vec<u8> {
-    CertificateDer::pem_file_iter(path).expect("pem").next().expect("one").expect("cert").as_ref().to_vec()
+    CertificateDer::pem_file_iter(path)
+        .expect("pem")
+        .next()
+        .expect("one")
+        .expect("cert")
+        .as_ref()
+        .to_vec()
 }
 
 #[tokio::test]
@@ -191,16 +296,29 @@ async fn certificate_reload_on_symlink_swap_and_sighup() {
     args[i + 3] = vol.path("tls.key").to_str().expect("p").to_owned();
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
-    assert_eq!(peer_cert(&env.pki, gw.addr).await, der(&first.join("tls.crt")));
+    assert_eq!(
+        peer_cert(&env.pki, gw.addr).await,
+        der(&first.join("tls.crt"))
+    );
     let mut open = ws_ok(&env, &gw, "/").await;
 
     // Swap in serial 11: noticed by the file watcher.
     let second = gen(11);
     swap(&second);
     gw.wait_log(&["cert_reloaded", "file_change"]).await;
-    assert_eq!(peer_cert(&env.pki, gw.addr).await, der(&second.join("tls.crt")), "new handshakes use serial 11");
-    within(open.send(Message::text("still open"))).await.expect("send");
-    assert_eq!(next_text(&mut open).await, "still open", "the open session survives the reload");
+    assert_eq!(
+        peer_cert(&env.pki, gw.addr).await,
+        der(&second.join("tls.crt")),
+        "new handshakes use serial 11"
+    );
+    within(open.send(Message::text("still open")))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_text(&mut open).await,
+        "still open",
+        "the open session survives the reload"
+    );
 
     // A broken new file: the old certificate stays, with an error log and a metric.
     let broken = vol.path("..broken");
@@ -209,16 +327,25 @@ async fn certificate_reload_on_symlink_swap_and_sighup() {
     std::fs::copy(second.join("tls.key"), broken.join("tls.key")).expect("copy");
     swap(&broken);
     gw.wait_log(&["cert_reload_failed"]).await;
-    assert_eq!(peer_cert(&env.pki, gw.addr).await, der(&second.join("tls.crt")));
+    assert_eq!(
+        peer_cert(&env.pki, gw.addr).await,
+        der(&second.join("tls.crt"))
+    );
     let (_, metrics) = gw.admin_get("/metrics").await;
-    assert_eq!(metric(&metrics, "ws_cert_reloads_total{result=\"error\"}"), 1.0);
+    assert_eq!(
+        metric(&metrics, "ws_cert_reloads_total{result=\"error\"}"),
+        1.0
+    );
 
     // SIGHUP reloads on demand.
     let third = gen(12);
     swap(&third);
     gw.signal("HUP");
     gw.wait_log(&["cert_reloaded", "sighup"]).await;
-    assert_eq!(peer_cert(&env.pki, gw.addr).await, der(&third.join("tls.crt")));
+    assert_eq!(
+        peer_cert(&env.pki, gw.addr).await,
+        der(&third.join("tls.crt"))
+    );
 }
 
 /// Connects over TCP, sends `header` first, then TLS and an upgrade; returns the response head.
@@ -226,7 +353,12 @@ async fn through_proxy(env: &Env, addr: std::net::SocketAddr, header: &[u8]) -> 
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(header).await.expect("header");
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&env.pki.client));
-    let Ok(Ok(mut s)) = tokio::time::timeout(T, connector.connect(ServerName::try_from("localhost").expect("n"), tcp)).await else {
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        T,
+        connector.connect(ServerName::try_from("localhost").expect("n"), tcp),
+    )
+    .await
+    else {
         return None;
     };
     let req = upgrade("/", &format!("Authorization: Bearer {}\r\n", env.token()));
@@ -245,29 +377,60 @@ async fn through_proxy(env: &Env, addr: std::net::SocketAddr, header: &[u8]) -> 
 #[tokio::test]
 async fn proxy_protocol_v1_and_v2_from_trusted_peers_only() {
     let env = Env::new().await;
-    let gw = env.gateway(&["--proxy-protocol", "--proxy-protocol-trusted-cidrs", "127.0.0.0/8,::1/128"]).await;
+    let gw = env
+        .gateway(&[
+            "--proxy-protocol",
+            "--proxy-protocol-trusted-cidrs",
+            "127.0.0.0/8,::1/128",
+        ])
+        .await;
     let v1 = b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 443\r\n".to_vec();
     let head = through_proxy(&env, gw.addr, &v1).await.expect("answer");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(env.upstream.last().header("x-real-ip"), Some("203.0.113.9"));
 
-    let mut v2 = vec![0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x21, 0x00, 36];
-    v2.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().expect("v6").octets());
+    let mut v2 = vec![
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x21, 0x00,
+        36,
+    ];
+    v2.extend_from_slice(
+        &"2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("v6")
+            .octets(),
+    );
     v2.extend_from_slice(&[0u8; 16]);
     v2.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
     let head = through_proxy(&env, gw.addr, &v2).await.expect("answer");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(env.upstream.last().header("x-real-ip"), Some("2001:db8::7"));
-    assert_eq!(env.upstream.last().header("x-forwarded-for"), Some("2001:db8::7"));
+    assert_eq!(
+        env.upstream.last().header("x-forwarded-for"),
+        Some("2001:db8::7")
+    );
 
     // Malformed or missing headers end the connection before TLS.
-    for bad in [&b"PROXY TCP4 nonsense\r\n"[..], b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n", b""] {
-        assert!(through_proxy(&env, gw.addr, bad).await.is_none(), "{:?}", String::from_utf8_lossy(bad));
+    for bad in [
+        &b"PROXY TCP4 nonsense\r\n"[..],
+        b"PROXY TCP9 1.2.3.4 5.6.7.8 1 2\r\n",
+        b"",
+    ] {
+        assert!(
+            through_proxy(&env, gw.addr, bad).await.is_none(),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
     }
     gw.wait_log(&["proxy_header_invalid"]).await;
 
     // A peer outside the trusted CIDRs is refused, header or not.
-    let gw = env.gateway(&["--proxy-protocol", "--proxy-protocol-trusted-cidrs", "10.0.0.0/8"]).await;
+    let gw = env
+        .gateway(&[
+            "--proxy-protocol",
+            "--proxy-protocol-trusted-cidrs",
+            "10.0.0.0/8",
+        ])
+        .await;
     assert!(through_proxy(&env, gw.addr, &v1).await.is_none());
     gw.wait_log(&["proxy_untrusted"]).await;
 }

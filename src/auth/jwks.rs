@@ -80,7 +80,9 @@ impl Jwk {
         };
         let b = |k: &str| -> Result<Vec<u8>, String> {
             let raw = s(k).ok_or_else(|| format!("missing `{k}`"))?;
-            URL_SAFE_NO_PAD.decode(raw.trim_end_matches('=')).map_err(|_| format!("`{k}` is not base64url"))
+            URL_SAFE_NO_PAD
+                .decode(raw.trim_end_matches('='))
+                .map_err(|_| format!("`{k}` is not base64url"))
         };
         let material = match s("kty") {
             Some("RSA") => {
@@ -89,7 +91,10 @@ impl Jwk {
                     v.drain(..zeros);
                     v
                 };
-                KeyMaterial::Rsa { n: strip(b("n")?), e: strip(b("e")?) }
+                KeyMaterial::Rsa {
+                    n: strip(b("n")?),
+                    e: strip(b("e")?),
+                }
             }
             Some("EC") => {
                 let (p384, size) = match s("crv") {
@@ -115,7 +120,11 @@ impl Jwk {
             }
             _ => return Ok(None),
         };
-        Ok(Some(Jwk { kid: s("kid").map(str::to_owned), alg, material }))
+        Ok(Some(Jwk {
+            kid: s("kid").map(str::to_owned),
+            alg,
+            material,
+        }))
     }
 
     /// Whether this key may verify a token signed with `alg` (type, curve and pinned `alg` agree).
@@ -125,13 +134,15 @@ impl Jwk {
             return false;
         }
         use Algorithm::*;
-        match (&self.material, alg) {
-            (KeyMaterial::Rsa { .. }, RS256 | RS384 | RS512 | PS256 | PS384 | PS512) => true,
-            (KeyMaterial::Ec { p384: false, .. }, ES256) => true,
-            (KeyMaterial::Ec { p384: true, .. }, ES384) => true,
-            (KeyMaterial::Ed25519(_), EdDSA) => true,
-            _ => false,
-        }
+        matches!(
+            (&self.material, alg),
+            (
+                KeyMaterial::Rsa { .. },
+                RS256 | RS384 | RS512 | PS256 | PS384 | PS512
+            ) | (KeyMaterial::Ec { p384: false, .. }, ES256)
+                | (KeyMaterial::Ec { p384: true, .. }, ES384)
+                | (KeyMaterial::Ed25519(_), EdDSA)
+        )
     }
 
     /// Verifies `sig` over `msg` with ring. The caller has checked [`Jwk::fits`].
@@ -149,7 +160,9 @@ impl Jwk {
                     PS512 => &signature::RSA_PSS_2048_8192_SHA512,
                     _ => return false,
                 };
-                RsaPublicKeyComponents { n, e }.verify(params, msg, sig).is_ok()
+                RsaPublicKeyComponents { n, e }
+                    .verify(params, msg, sig)
+                    .is_ok()
             }
             KeyMaterial::Ec { point, .. } => {
                 let params: &'static dyn signature::VerificationAlgorithm = match alg {
@@ -157,9 +170,16 @@ impl Jwk {
                     ES384 => &signature::ECDSA_P384_SHA384_FIXED,
                     _ => return false,
                 };
-                UnparsedPublicKey::new(params, point).verify(msg, sig).is_ok()
+                UnparsedPublicKey::new(params, point)
+                    .verify(msg, sig)
+                    .is_ok()
             }
-            KeyMaterial::Ed25519(x) => alg == EdDSA && UnparsedPublicKey::new(&signature::ED25519, x).verify(msg, sig).is_ok(),
+            KeyMaterial::Ed25519(x) => {
+                alg == EdDSA
+                    && UnparsedPublicKey::new(&signature::ED25519, x)
+                        .verify(msg, sig)
+                        .is_ok()
+            }
         }
     }
 }
@@ -179,26 +199,38 @@ impl KeySet {
     /// Not JSON, no `keys` array, or no usable signing key at all.
     pub fn from_json(body: &[u8]) -> Result<KeySet, String> {
         let doc: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-        let list = doc.get("keys").and_then(Value::as_array).ok_or("no `keys` array")?;
+        let list = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("no `keys` array")?;
         let mut keys = Vec::new();
         for (i, k) in list.iter().enumerate() {
             match Jwk::from_json(k) {
                 Ok(Some(jwk)) => keys.push(Arc::new(jwk)),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(event = "jwks_key_skipped", index = i, error = %e, "skipping malformed JWK"),
+                Err(e) => {
+                    tracing::warn!(event = "jwks_key_skipped", index = i, error = %e, "skipping malformed JWK")
+                }
             }
         }
         if keys.is_empty() {
             return Err("no usable signing key".into());
         }
-        Ok(KeySet { keys, fetched_at: Instant::now() })
+        Ok(KeySet {
+            keys,
+            fetched_at: Instant::now(),
+        })
     }
 
     /// The key for a token: by `kid`, or the only key fitting `alg` when the token names none.
     #[must_use]
     pub fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<Jwk>> {
         match kid {
-            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)).cloned(),
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .cloned(),
             None => {
                 let mut fitting = self.keys.iter().filter(|k| k.fits(alg));
                 match (fitting.next(), fitting.next()) {
@@ -282,7 +314,12 @@ impl JwksCache {
             // Another request fetched while this one waited.
             return self.current();
         }
-        let recent = self.last_attempt.lock().ok().and_then(|g| *g).is_some_and(|t| t.elapsed() < self.refetch_interval);
+        let recent = self
+            .last_attempt
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|t| t.elapsed() < self.refetch_interval);
         if !recent {
             self.fetch_and_store("unknown_kid").await;
         }
@@ -295,7 +332,8 @@ impl JwksCache {
         loop {
             let ok = {
                 let _guard = self.fetch_lock.lock().await;
-                self.fetch_and_store(if self.is_ready() { "ttl" } else { "start" }).await
+                self.fetch_and_store(if self.is_ready() { "ttl" } else { "start" })
+                    .await
             };
             let wait = if ok {
                 backoff = Duration::from_millis(500);
@@ -343,7 +381,10 @@ impl JwksCache {
     /// Seconds since the keys in use were fetched.
     #[must_use]
     pub fn age_seconds(&self) -> Option<f64> {
-        self.current.load().as_ref().map(|s| s.fetched_at.elapsed().as_secs_f64())
+        self.current
+            .load()
+            .as_ref()
+            .map(|s| s.fetched_at.elapsed().as_secs_f64())
     }
 }
 
@@ -351,7 +392,12 @@ impl JwksCache {
 ///
 /// # Errors
 /// Dial, I/O, deadline, non-200 status, oversize or malformed response; the message names no secret.
-pub async fn http_get(url: &Url, tls: &Arc<rustls::ClientConfig>, limit: Duration, max: usize) -> Result<Vec<u8>, String> {
+pub async fn http_get(
+    url: &Url,
+    tls: &Arc<rustls::ClientConfig>,
+    limit: Duration,
+    max: usize,
+) -> Result<Vec<u8>, String> {
     let exchange = async {
         let (mut io, _) = dial(url, tls, limit).await.map_err(|e| e.to_string())?;
         let req = format!(
@@ -360,7 +406,9 @@ pub async fn http_get(url: &Url, tls: &Arc<rustls::ClientConfig>, limit: Duratio
             url.authority,
             env!("CARGO_PKG_VERSION")
         );
-        io.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        io.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         io.flush().await.map_err(|e| e.to_string())?;
         let mut buf = Vec::with_capacity(8192);
         let mut chunk = vec![0u8; 16 * 1024];
@@ -389,7 +437,9 @@ pub async fn http_get(url: &Url, tls: &Arc<rustls::ClientConfig>, limit: Duratio
             }
         }
     };
-    tokio::time::timeout(limit, exchange).await.map_err(|_| format!("timed out after {}s", limit.as_secs()))?
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| format!("timed out after {}s", limit.as_secs()))?
 }
 
 /// The body once the response in `buf` is complete.
@@ -406,14 +456,20 @@ fn complete_body(buf: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
         return Err(format!("status {status}"));
     }
     let header = |name: &str| {
-        resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(h.value).ok())
+        resp.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
     };
     let body = &buf[used..];
     if header("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         return decode_chunked(body);
     }
     if let Some(len) = header("Content-Length") {
-        let len: usize = len.trim().parse().map_err(|_| "bad Content-Length".to_owned())?;
+        let len: usize = len
+            .trim()
+            .parse()
+            .map_err(|_| "bad Content-Length".to_owned())?;
         return Ok((body.len() >= len).then(|| body[..len].to_vec()));
     }
     Ok(eof.then(|| body.to_vec()))
@@ -423,7 +479,9 @@ fn complete_body(buf: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
 fn decode_chunked(mut body: &[u8]) -> Result<Option<Vec<u8>>, String> {
     let mut out = Vec::new();
     loop {
-        let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
         let line = std::str::from_utf8(&body[..line_end]).map_err(|_| "bad chunk size")?;
         let size_text = line.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size".to_owned())?;
@@ -458,10 +516,21 @@ mod tests {
         assert!(set.find(Some("enc1"), Algorithm::RS256).is_none());
         assert!(set.find(Some("hs"), Algorithm::RS256).is_none());
         let ec = set.find(Some("ec1"), Algorithm::ES256).expect("ec");
-        assert!(ec.fits(Algorithm::ES256) && !ec.fits(Algorithm::RS256) && !ec.fits(Algorithm::ES384));
+        assert!(
+            ec.fits(Algorithm::ES256) && !ec.fits(Algorithm::RS256) && !ec.fits(Algorithm::ES384)
+        );
         let rs = set.find(Some("rs1"), Algorithm::RS256).expect("rsa");
-        assert_eq!(rs.material, KeyMaterial::Rsa { n: vec![0xac, 0x76], e: vec![1, 0, 1] });
-        assert!(rs.fits(Algorithm::RS256) && !rs.fits(Algorithm::PS256), "alg pinned by the JWK");
+        assert_eq!(
+            rs.material,
+            KeyMaterial::Rsa {
+                n: vec![0xac, 0x76],
+                e: vec![1, 0, 1]
+            }
+        );
+        assert!(
+            rs.fits(Algorithm::RS256) && !rs.fits(Algorithm::PS256),
+            "alg pinned by the JWK"
+        );
         assert!(KeySet::from_json(br#"{"keys":[]}"#).is_err());
         assert!(KeySet::from_json(b"<html>").is_err());
     }
@@ -469,12 +538,26 @@ mod tests {
     #[test]
     fn chunked_and_lengths() {
         let resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"ke\r\n3;x=1\r\nys\"\r\n0\r\n\r\n";
-        assert_eq!(complete_body(resp, false).expect("ok").as_deref(), Some(&b"{\"keys\""[..]));
+        assert_eq!(
+            complete_body(resp, false).expect("ok").as_deref(),
+            Some(&b"{\"keys\""[..])
+        );
         assert_eq!(complete_body(&resp[..50], false).expect("ok"), None);
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
-        assert_eq!(complete_body(resp, false).expect("ok").as_deref(), Some(&b"{}"[..]));
+        assert_eq!(
+            complete_body(resp, false).expect("ok").as_deref(),
+            Some(&b"{}"[..])
+        );
         assert!(complete_body(b"HTTP/1.1 500 Oops\r\n\r\n", true).is_err());
-        assert_eq!(complete_body(b"HTTP/1.1 200 OK\r\n\r\n{}", false).expect("ok"), None);
-        assert_eq!(complete_body(b"HTTP/1.1 200 OK\r\n\r\n{}", true).expect("ok").as_deref(), Some(&b"{}"[..]));
+        assert_eq!(
+            complete_body(b"HTTP/1.1 200 OK\r\n\r\n{}", false).expect("ok"),
+            None
+        );
+        assert_eq!(
+            complete_body(b"HTTP/1.1 200 OK\r\n\r\n{}", true)
+                .expect("ok")
+                .as_deref(),
+            Some(&b"{}"[..])
+        );
     }
 }

@@ -91,17 +91,30 @@ pub fn parse<'a>(token: &'a str, policy: &Policy) -> Result<Parsed<'a>, AuthErro
         return Err(AuthError::Malformed);
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(AuthError::Malformed);
     };
     if h.is_empty() || p.is_empty() || s.is_empty() {
         return Err(AuthError::Malformed);
     }
-    let header_bytes = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed)?;
-    let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed)?;
-    let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed)?;
-    let header: JoseHeader = serde_json::from_slice(&header_bytes).map_err(|_| AuthError::Malformed)?;
-    if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() || header.x5c.is_some() || header.crit.is_some()
+    let header_bytes = URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|_| AuthError::Malformed)?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(p)
+        .map_err(|_| AuthError::Malformed)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| AuthError::Malformed)?;
+    let header: JoseHeader =
+        serde_json::from_slice(&header_bytes).map_err(|_| AuthError::Malformed)?;
+    if header.jku.is_some()
+        || header.x5u.is_some()
+        || header.jwk.is_some()
+        || header.x5c.is_some()
+        || header.crit.is_some()
     {
         return Err(AuthError::ForbiddenHeader);
     }
@@ -109,7 +122,13 @@ pub fn parse<'a>(token: &'a str, policy: &Policy) -> Result<Parsed<'a>, AuthErro
     if !policy.algorithms.contains(&alg) {
         return Err(AuthError::Algorithm);
     }
-    Ok(Parsed { alg, kid: header.kid, signing_input: &token[..h.len() + 1 + p.len()], payload, signature })
+    Ok(Parsed {
+        alg,
+        kid: header.kid,
+        signing_input: &token[..h.len() + 1 + p.len()],
+        payload,
+        signature,
+    })
 }
 
 /// Checks the claims of a payload whose signature has been verified.
@@ -117,7 +136,8 @@ pub fn parse<'a>(token: &'a str, policy: &Policy) -> Result<Parsed<'a>, AuthErro
 /// # Errors
 /// The first claim that fails.
 pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identity, AuthError> {
-    let claims: serde_json::Map<String, Value> = serde_json::from_slice(payload).map_err(|_| AuthError::Malformed)?;
+    let claims: serde_json::Map<String, Value> =
+        serde_json::from_slice(payload).map_err(|_| AuthError::Malformed)?;
     let exp = numeric_date(claims.get("exp"))?.ok_or(AuthError::MissingExp)?;
     if now - policy.leeway >= exp {
         return Err(AuthError::Expired);
@@ -140,7 +160,10 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
     if !policy.audiences.is_empty() {
         let ok = match claims.get("aud") {
             Some(Value::String(a)) => policy.audiences.iter().any(|w| w == a),
-            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(|a| policy.audiences.iter().any(|w| w == a)),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| policy.audiences.iter().any(|w| w == a)),
             _ => false,
         };
         if !ok {
@@ -153,7 +176,10 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
             Value::Number(n) => Some(n.to_string()),
             Value::Bool(b) => Some(b.to_string()),
             Value::Array(items) => {
-                let parts: Vec<String> = items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect();
+                let parts: Vec<String> = items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect();
                 Some(parts.join(","))
             }
             _ => None,
@@ -168,8 +194,17 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
             (!value.chars().any(char::is_control)).then(|| (header.clone(), value))
         })
         .collect();
-    let clean = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.chars().any(char::is_control)).map(str::to_owned);
-    Ok(Identity { subject: clean(claims.get("sub")), token_id: clean(claims.get("jti")), expires_at: exp, forwarded })
+    let clean = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .filter(|s| !s.chars().any(char::is_control))
+            .map(str::to_owned)
+    };
+    Ok(Identity {
+        subject: clean(claims.get("sub")),
+        token_id: clean(claims.get("jti")),
+        expires_at: exp,
+        forwarded,
+    })
 }
 
 /// A NumericDate: a JSON number (fractions allowed, truncated); any other type is malformed.
@@ -189,7 +224,9 @@ fn numeric_date(v: Option<&Value>) -> Result<Option<i64>, AuthError> {
 /// Seconds since the epoch, now.
 #[must_use]
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Verifies tokens against the JWKS cache.
@@ -228,7 +265,11 @@ impl Verifier {
         if !key.fits(parsed.alg) {
             return Err(AuthError::KeyMismatch);
         }
-        if !key.verify(parsed.alg, parsed.signing_input.as_bytes(), &parsed.signature) {
+        if !key.verify(
+            parsed.alg,
+            parsed.signing_input.as_bytes(),
+            &parsed.signature,
+        ) {
             return Err(AuthError::Signature);
         }
         check_claims(&parsed.payload, &self.policy, unix_now())
@@ -260,7 +301,10 @@ mod tests {
             algorithms: vec![Algorithm::RS256, Algorithm::ES256],
             leeway: 30,
             max_bytes: 8192,
-            forward_claims: vec![("email".into(), "X-Auth-Email".into()), ("roles".into(), "X-Auth-Roles".into())],
+            forward_claims: vec![
+                ("email".into(), "X-Auth-Email".into()),
+                ("roles".into(), "X-Auth-Roles".into()),
+            ],
         }
     }
 
@@ -275,18 +319,56 @@ mod tests {
         let cases = [
             ("".to_owned(), AuthError::Malformed),
             ("a.b".to_owned(), AuthError::Malformed),
-            (format!("{}.{}.{}.x", b64("{}"), b64("{}"), sig), AuthError::Malformed),
-            (format!("{}.{}.{}", b64(r#"{"alg":"none"}"#), b64("{}"), sig), AuthError::Algorithm),
-            (format!("{}.{}.{}", b64(r#"{"alg":"HS256"}"#), b64("{}"), sig), AuthError::Algorithm),
-            (format!("{}.{}.{}", b64(r#"{"alg":"RS512"}"#), b64("{}"), sig), AuthError::Algorithm),
-            (format!("{}.{}.{}", b64(r#"{"alg":"RS256","jku":"https://evil"}"#), b64("{}"), sig), AuthError::ForbiddenHeader),
-            (format!("{}.{}.{}", b64(r#"{"alg":"RS256","crit":["exp"]}"#), b64("{}"), sig), AuthError::ForbiddenHeader),
-            (format!("{}.{}.{}", b64("not json"), b64("{}"), sig), AuthError::Malformed),
-            (format!("{}=.{}.{}", b64(r#"{"alg":"RS256"}"#), b64("{}"), sig), AuthError::Malformed),
+            (
+                format!("{}.{}.{}.x", b64("{}"), b64("{}"), sig),
+                AuthError::Malformed,
+            ),
+            (
+                format!("{}.{}.{}", b64(r#"{"alg":"none"}"#), b64("{}"), sig),
+                AuthError::Algorithm,
+            ),
+            (
+                format!("{}.{}.{}", b64(r#"{"alg":"HS256"}"#), b64("{}"), sig),
+                AuthError::Algorithm,
+            ),
+            (
+                format!("{}.{}.{}", b64(r#"{"alg":"RS512"}"#), b64("{}"), sig),
+                AuthError::Algorithm,
+            ),
+            (
+                format!(
+                    "{}.{}.{}",
+                    b64(r#"{"alg":"RS256","jku":"https://evil"}"#),
+                    b64("{}"),
+                    sig
+                ),
+                AuthError::ForbiddenHeader,
+            ),
+            (
+                format!(
+                    "{}.{}.{}",
+                    b64(r#"{"alg":"RS256","crit":["exp"]}"#),
+                    b64("{}"),
+                    sig
+                ),
+                AuthError::ForbiddenHeader,
+            ),
+            (
+                format!("{}.{}.{}", b64("not json"), b64("{}"), sig),
+                AuthError::Malformed,
+            ),
+            (
+                format!("{}=.{}.{}", b64(r#"{"alg":"RS256"}"#), b64("{}"), sig),
+                AuthError::Malformed,
+            ),
             ("x".repeat(9000), AuthError::Malformed),
         ];
         for (token, want) in cases {
-            assert_eq!(parse(&token, &p).map(|_| ()).expect_err(&token), want, "{token}");
+            assert_eq!(
+                parse(&token, &p).map(|_| ()).expect_err(&token),
+                want,
+                "{token}"
+            );
         }
     }
 
@@ -296,16 +378,43 @@ mod tests {
         let now = 1_000_000;
         let ok = |c: &str| check_claims(c.as_bytes(), &p, now);
         let base = r#""iss":"https://idp/realms/r","aud":["x","gw"],"sub":"alice""#;
-        let id = ok(&format!(r#"{{{base},"exp":1000100,"email":"a@x","roles":["r1","r2"]}}"#)).expect("valid");
+        let id = ok(&format!(
+            r#"{{{base},"exp":1000100,"email":"a@x","roles":["r1","r2"]}}"#
+        ))
+        .expect("valid");
         assert_eq!(id.subject.as_deref(), Some("alice"));
-        assert_eq!(id.forwarded, vec![("X-Auth-Email".into(), "a@x".into()), ("X-Auth-Roles".into(), "r1,r2".into())]);
-        assert_eq!(ok(&format!(r#"{{{base}}}"#)).map(|_| ()), Err(AuthError::MissingExp));
-        assert_eq!(ok(&format!(r#"{{{base},"exp":"1000100"}}"#)).map(|_| ()), Err(AuthError::Malformed));
-        assert_eq!(ok(&format!(r#"{{{base},"exp":999970}}"#)).map(|_| ()), Err(AuthError::Expired));
-        assert!(ok(&format!(r#"{{{base},"exp":999971}}"#)).is_ok(), "leeway applies to exp");
-        assert_eq!(ok(&format!(r#"{{{base},"exp":1000100,"nbf":1000031}}"#)).map(|_| ()), Err(AuthError::NotYetValid));
+        assert_eq!(
+            id.forwarded,
+            vec![
+                ("X-Auth-Email".into(), "a@x".into()),
+                ("X-Auth-Roles".into(), "r1,r2".into())
+            ]
+        );
+        assert_eq!(
+            ok(&format!(r#"{{{base}}}"#)).map(|_| ()),
+            Err(AuthError::MissingExp)
+        );
+        assert_eq!(
+            ok(&format!(r#"{{{base},"exp":"1000100"}}"#)).map(|_| ()),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            ok(&format!(r#"{{{base},"exp":999970}}"#)).map(|_| ()),
+            Err(AuthError::Expired)
+        );
+        assert!(
+            ok(&format!(r#"{{{base},"exp":999971}}"#)).is_ok(),
+            "leeway applies to exp"
+        );
+        assert_eq!(
+            ok(&format!(r#"{{{base},"exp":1000100,"nbf":1000031}}"#)).map(|_| ()),
+            Err(AuthError::NotYetValid)
+        );
         assert!(ok(&format!(r#"{{{base},"exp":1000100,"nbf":1000030}}"#)).is_ok());
-        assert_eq!(ok(&format!(r#"{{{base},"exp":1000100,"iat":1000100}}"#)).map(|_| ()), Err(AuthError::IssuedInFuture));
+        assert_eq!(
+            ok(&format!(r#"{{{base},"exp":1000100,"iat":1000100}}"#)).map(|_| ()),
+            Err(AuthError::IssuedInFuture)
+        );
         let no_aud = r#"{"iss":"https://idp/realms/r","exp":1000100}"#;
         assert_eq!(ok(no_aud).map(|_| ()), Err(AuthError::Audience));
         let wrong_iss = r#"{"iss":"https://evil","aud":"gw","exp":1000100}"#;

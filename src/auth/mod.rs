@@ -76,7 +76,9 @@ impl FromStr for Algorithm {
             "ES384" => Algorithm::ES384,
             "EdDSA" => Algorithm::EdDSA,
             other if other.starts_with("HS") || other.eq_ignore_ascii_case("none") => {
-                return Err(format!("`{other}` is never accepted (symmetric or unsigned tokens)"))
+                return Err(format!(
+                    "`{other}` is never accepted (symmetric or unsigned tokens)"
+                ))
             }
             other => return Err(format!("unsupported algorithm `{other}`")),
         })
@@ -157,8 +159,11 @@ impl AuthError {
     pub fn response(&self) -> crate::upgrade::Response {
         use crate::upgrade::Response;
         match self {
-            AuthError::NoKeys => Response::new(503, "authentication unavailable: signing keys not loaded yet")
-                .header("Retry-After", "5"),
+            AuthError::NoKeys => Response::new(
+                503,
+                "authentication unavailable: signing keys not loaded yet",
+            )
+            .header("Retry-After", "5"),
             other => Response::new(401, format!("unauthorized: {other}")).header(
                 "WWW-Authenticate",
                 format!("Bearer error=\"invalid_token\", error_description=\"{other}\""),

@@ -8,9 +8,16 @@ enum Pattern {
     Any,
     Exact(String),
     /// Scheme, host suffix (starting with `.`), port (`None` = the scheme default, `Some("*")` = any).
-    Wildcard { scheme: String, suffix: String, port: Option<String> },
+    Wildcard {
+        scheme: String,
+        suffix: String,
+        port: Option<String>,
+    },
     /// Exact scheme and host, any port.
-    AnyPort { scheme: String, host: String },
+    AnyPort {
+        scheme: String,
+        host: String,
+    },
 }
 
 /// The allowed Origins.
@@ -32,7 +39,9 @@ impl OriginPolicy {
                 patterns.push(Pattern::Any);
                 continue;
             }
-            let (scheme, rest) = e.split_once("://").ok_or_else(|| format!("`{raw}` is not scheme://host[:port]"))?;
+            let (scheme, rest) = e
+                .split_once("://")
+                .ok_or_else(|| format!("`{raw}` is not scheme://host[:port]"))?;
             if scheme.is_empty() || rest.is_empty() || rest.contains('/') {
                 return Err(format!("`{raw}` is not scheme://host[:port]"));
             }
@@ -47,9 +56,14 @@ impl OriginPolicy {
                     port: port.map(str::to_owned),
                 });
             } else if host.contains('*') {
-                return Err(format!("`{raw}`: `*` is allowed only as the first label (`*.example.com`)"));
+                return Err(format!(
+                    "`{raw}`: `*` is allowed only as the first label (`*.example.com`)"
+                ));
             } else if port == Some("*") {
-                patterns.push(Pattern::AnyPort { scheme: scheme.to_owned(), host: host.to_owned() });
+                patterns.push(Pattern::AnyPort {
+                    scheme: scheme.to_owned(),
+                    host: host.to_owned(),
+                });
             } else {
                 patterns.push(Pattern::Exact(e.clone()));
             }
@@ -69,13 +83,20 @@ impl OriginPolicy {
         let o = origin.trim().to_ascii_lowercase();
         let Some((scheme, rest)) = o.split_once("://") else {
             // `null` and other opaque origins match only `*` or a literal entry.
-            return self.patterns.iter().any(|p| *p == Pattern::Any || *p == Pattern::Exact(o.clone()));
+            return self
+                .patterns
+                .iter()
+                .any(|p| *p == Pattern::Any || *p == Pattern::Exact(o.clone()));
         };
         let (host, port) = split_port(rest);
         self.patterns.iter().any(|p| match p {
             Pattern::Any => true,
             Pattern::Exact(e) => *e == o,
-            Pattern::Wildcard { scheme: s, suffix, port: want } => {
+            Pattern::Wildcard {
+                scheme: s,
+                suffix,
+                port: want,
+            } => {
                 s == scheme
                     && host.len() > suffix.len()
                     && host.ends_with(suffix.as_str())
@@ -108,29 +129,46 @@ mod tests {
     use super::*;
 
     fn policy(list: &[&str]) -> OriginPolicy {
-        OriginPolicy::parse(&list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()).expect("valid")
+        OriginPolicy::parse(&list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .expect("valid")
     }
 
     #[test]
     fn matching() {
-        let p = policy(&["https://app.example.com", "https://*.example.org", "http://localhost:*"]);
+        let p = policy(&[
+            "https://app.example.com",
+            "https://*.example.org",
+            "http://localhost:*",
+        ]);
         assert!(p.allows("https://app.example.com"));
         assert!(p.allows("HTTPS://APP.EXAMPLE.COM"));
         assert!(!p.allows("http://app.example.com"));
         assert!(!p.allows("https://app.example.com:8443"));
         assert!(!p.allows("https://app.example.com.evil.net"));
         assert!(p.allows("https://a.b.example.org"));
-        assert!(!p.allows("https://example.org"), "wildcard does not match the apex");
+        assert!(
+            !p.allows("https://example.org"),
+            "wildcard does not match the apex"
+        );
         assert!(!p.allows("https://evilexample.org"));
         assert!(p.allows("http://localhost:5173"));
         assert!(!p.allows("null"));
         assert!(policy(&["*"]).allows("null"));
-        assert!(!policy(&[]).allows("https://app.example.com"), "unset refuses every Origin");
+        assert!(
+            !policy(&[]).allows("https://app.example.com"),
+            "unset refuses every Origin"
+        );
     }
 
     #[test]
     fn bad_entries() {
-        for bad in ["example.com", "https://", "https://a.*.com", "https://*.", "https://a/b"] {
+        for bad in [
+            "example.com",
+            "https://",
+            "https://a.*.com",
+            "https://*.",
+            "https://a/b",
+        ] {
             assert!(OriginPolicy::parse(&[bad.to_owned()]).is_err(), "{bad}");
         }
     }

@@ -38,7 +38,11 @@ impl Source {
 
 /// Finds the token in the first source that carries one.
 #[must_use]
-pub fn find_token(head: &RequestHead, cookie_name: &str, query_param: &str) -> Option<(Source, String)> {
+pub fn find_token(
+    head: &RequestHead,
+    cookie_name: &str,
+    query_param: &str,
+) -> Option<(Source, String)> {
     for v in head.values("Authorization") {
         let v = v.trim();
         if let Some((scheme, rest)) = v.split_once(' ') {
@@ -47,7 +51,10 @@ pub fn find_token(head: &RequestHead, cookie_name: &str, query_param: &str) -> O
             }
         }
     }
-    for entry in head.values("Sec-WebSocket-Protocol").flat_map(|v| v.split(',')) {
+    for entry in head
+        .values("Sec-WebSocket-Protocol")
+        .flat_map(|v| v.split(','))
+    {
         if let Some(t) = entry.trim().strip_prefix(SUBPROTOCOL_PREFIX) {
             return Some((Source::Subprotocol, t.to_owned()));
         }
@@ -89,7 +96,9 @@ pub fn strip_cookie(value: &str, cookie_name: &str) -> Option<String> {
     let kept: Vec<&str> = value
         .split(';')
         .map(str::trim)
-        .filter(|p| !p.is_empty() && p.split_once('=').map_or(p.trim(), |(n, _)| n.trim()) != cookie_name)
+        .filter(|p| {
+            !p.is_empty() && p.split_once('=').map_or(p.trim(), |(n, _)| n.trim()) != cookie_name
+        })
         .collect();
     (!kept.is_empty()).then(|| kept.join("; "))
 }
@@ -97,8 +106,10 @@ pub fn strip_cookie(value: &str, cookie_name: &str) -> Option<String> {
 /// A query string without the token parameter; `None` when nothing is left.
 #[must_use]
 pub fn strip_query(query: &str, param: &str) -> Option<String> {
-    let kept: Vec<&str> =
-        query.split('&').filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(n, _)| n) != param).collect();
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(n, _)| n) != param)
+        .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
@@ -140,22 +151,43 @@ mod tests {
     fn sources_in_order() {
         let all = "Authorization: Bearer H\r\nSec-WebSocket-Protocol: mqtt, bearer.P\r\nCookie: a=1; session=C\r\n";
         let find = |h: &RequestHead| find_token(h, "session", "access_token");
-        assert_eq!(find(&head("/?access_token=Q", all)), Some((Source::Header, "H".into())));
+        assert_eq!(
+            find(&head("/?access_token=Q", all)),
+            Some((Source::Header, "H".into()))
+        );
         let no_auth = all.replace("Authorization: Bearer H\r\n", "");
-        assert_eq!(find(&head("/?access_token=Q", &no_auth)), Some((Source::Subprotocol, "P".into())));
+        assert_eq!(
+            find(&head("/?access_token=Q", &no_auth)),
+            Some((Source::Subprotocol, "P".into()))
+        );
         let cookie_only = "Cookie: a=1; session=C\r\n";
-        assert_eq!(find(&head("/?access_token=Q", cookie_only)), Some((Source::Cookie, "C".into())));
-        assert_eq!(find(&head("/?x=1&access_token=Q%2e", "")), Some((Source::Query, "Q.".into())));
+        assert_eq!(
+            find(&head("/?access_token=Q", cookie_only)),
+            Some((Source::Cookie, "C".into()))
+        );
+        assert_eq!(
+            find(&head("/?x=1&access_token=Q%2e", "")),
+            Some((Source::Query, "Q.".into()))
+        );
         assert_eq!(find(&head("/", "Authorization: Basic abc\r\n")), None);
     }
 
     #[test]
     fn stripping() {
-        assert_eq!(strip_subprotocols(["mqtt, bearer.xyz", "v2"].into_iter()).as_deref(), Some("mqtt, v2"));
+        assert_eq!(
+            strip_subprotocols(["mqtt, bearer.xyz", "v2"].into_iter()).as_deref(),
+            Some("mqtt, v2")
+        );
         assert_eq!(strip_subprotocols(["bearer.xyz"].into_iter()), None);
-        assert_eq!(strip_cookie("a=1; session=T; b=2", "session").as_deref(), Some("a=1; b=2"));
+        assert_eq!(
+            strip_cookie("a=1; session=T; b=2", "session").as_deref(),
+            Some("a=1; b=2")
+        );
         assert_eq!(strip_cookie("session=T", "session"), None);
-        assert_eq!(strip_query("a=1&access_token=T&b", "access_token").as_deref(), Some("a=1&b"));
+        assert_eq!(
+            strip_query("a=1&access_token=T&b", "access_token").as_deref(),
+            Some("a=1&b")
+        );
         assert_eq!(strip_query("access_token=T", "access_token"), None);
         assert_eq!(percent_decode("%4"), "%4");
         assert_eq!(percent_decode("a%zz"), "a%zz");

@@ -42,7 +42,10 @@ pub async fn within<F: std::future::Future>(f: F) -> F::Output {
 }
 
 pub fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
 }
 
 /// A directory removed on drop.
@@ -55,7 +58,10 @@ impl TempDir {
             "wsgw-{tag}-{}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed),
-            SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").subsec_nanos()
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .subsec_nanos()
         ));
         std::fs::create_dir_all(&p).expect("mkdir");
         TempDir(p)
@@ -90,7 +96,9 @@ impl Pki {
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "ws-gateway test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ws-gateway test CA");
         let ca = ca_params.self_signed(&ca_key).expect("ca");
         let ca_pem = dir.path("ca.pem");
         std::fs::write(&ca_pem, ca.pem()).expect("write ca");
@@ -103,11 +111,15 @@ impl Pki {
             ca_key,
             ca_params,
             ca_pem,
-            client: Arc::new(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            client: Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
                 .with_safe_default_protocol_versions()
                 .expect("versions")
                 .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()),
+                .with_no_client_auth(),
+            ),
         };
         let (gc, gk) = (pki.gw_cert.clone(), pki.gw_key.clone());
         pki.issue(&gc, &gk, 1);
@@ -118,11 +130,13 @@ impl Pki {
             roots.add(c.expect("cert")).expect("add");
         }
         pki.client = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
         );
         pki
     }
@@ -131,7 +145,8 @@ impl Pki {
     pub fn issue(&self, cert: &Path, key: &Path, serial: u64) {
         let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
         let mut params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("params");
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .expect("params");
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let leaf = params.signed_by(&leaf_key, &issuer).expect("sign");
@@ -142,7 +157,11 @@ impl Pki {
 
 /// A JWS signing key of one algorithm.
 pub enum Key {
-    Rsa(Arc<RsaKeyPair>, &'static dyn signature::RsaEncoding, &'static str),
+    Rsa(
+        Arc<RsaKeyPair>,
+        &'static dyn signature::RsaEncoding,
+        &'static str,
+    ),
     Ec(EcdsaKeyPair, &'static str),
     Ed(Ed25519KeyPair),
 }
@@ -152,7 +171,15 @@ fn rsa_key() -> Arc<RsaKeyPair> {
     static KEY: OnceLock<Arc<RsaKeyPair>> = OnceLock::new();
     Arc::clone(KEY.get_or_init(|| {
         let out = Command::new("openssl")
-            .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-outform", "DER"])
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-outform",
+                "DER",
+            ])
             .output()
             .expect("openssl genpkey");
         assert!(out.status.success(), "openssl failed");
@@ -168,21 +195,40 @@ pub struct Signer {
 
 impl Signer {
     pub fn rs256(kid: &str) -> Signer {
-        Signer { kid: kid.into(), key: Key::Rsa(rsa_key(), &signature::RSA_PKCS1_SHA256, "RS256"), rng: SystemRandom::new() }
+        Signer {
+            kid: kid.into(),
+            key: Key::Rsa(rsa_key(), &signature::RSA_PKCS1_SHA256, "RS256"),
+            rng: SystemRandom::new(),
+        }
     }
     pub fn ps256(kid: &str) -> Signer {
-        Signer { kid: kid.into(), key: Key::Rsa(rsa_key(), &signature::RSA_PSS_SHA256, "PS256"), rng: SystemRandom::new() }
+        Signer {
+            kid: kid.into(),
+            key: Key::Rsa(rsa_key(), &signature::RSA_PSS_SHA256, "PS256"),
+            rng: SystemRandom::new(),
+        }
     }
     pub fn es256(kid: &str) -> Signer {
         let rng = SystemRandom::new();
         let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
         let pk = EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("gen");
-        Signer { kid: kid.into(), key: Key::Ec(EcdsaKeyPair::from_pkcs8(alg, pk.as_ref(), &rng).expect("ec"), "ES256"), rng }
+        Signer {
+            kid: kid.into(),
+            key: Key::Ec(
+                EcdsaKeyPair::from_pkcs8(alg, pk.as_ref(), &rng).expect("ec"),
+                "ES256",
+            ),
+            rng,
+        }
     }
     pub fn eddsa(kid: &str) -> Signer {
         let rng = SystemRandom::new();
         let pk = Ed25519KeyPair::generate_pkcs8(&rng).expect("gen");
-        Signer { kid: kid.into(), key: Key::Ed(Ed25519KeyPair::from_pkcs8(pk.as_ref()).expect("ed")), rng }
+        Signer {
+            kid: kid.into(),
+            key: Key::Ed(Ed25519KeyPair::from_pkcs8(pk.as_ref()).expect("ed")),
+            rng,
+        }
     }
 
     pub fn alg(&self) -> &'static str {
@@ -204,8 +250,10 @@ impl Signer {
                 json!({"kty":"EC","kid":self.kid,"use":"sig","alg":alg,"crv":"P-256",
                        "x":URL_SAFE_NO_PAD.encode(&p[1..33]),"y":URL_SAFE_NO_PAD.encode(&p[33..65])})
             }
-            Key::Ed(k) => json!({"kty":"OKP","kid":self.kid,"use":"sig","alg":"EdDSA","crv":"Ed25519",
-                                 "x":URL_SAFE_NO_PAD.encode(k.public_key().as_ref())}),
+            Key::Ed(k) => {
+                json!({"kty":"OKP","kid":self.kid,"use":"sig","alg":"EdDSA","crv":"Ed25519",
+                                 "x":URL_SAFE_NO_PAD.encode(k.public_key().as_ref())})
+            }
         }
     }
 
@@ -213,24 +261,36 @@ impl Signer {
         match &self.key {
             Key::Rsa(k, enc, _) => {
                 let mut sig = vec![0u8; k.public().modulus_len()];
-                k.sign(*enc, &self.rng, input.as_bytes(), &mut sig).expect("rsa sign");
+                k.sign(*enc, &self.rng, input.as_bytes(), &mut sig)
+                    .expect("rsa sign");
                 sig
             }
-            Key::Ec(k, _) => k.sign(&self.rng, input.as_bytes()).expect("ec sign").as_ref().to_vec(),
+            Key::Ec(k, _) => k
+                .sign(&self.rng, input.as_bytes())
+                .expect("ec sign")
+                .as_ref()
+                .to_vec(),
             Key::Ed(k) => k.sign(input.as_bytes()).as_ref().to_vec(),
         }
     }
 
     /// Signs with an explicit header.
     pub fn sign(&self, header: &Value, claims: &Value) -> String {
-        let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
         let sig = self.sign_raw(&input);
         format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
     }
 
     /// A token with the standard header and `claims`.
     pub fn token(&self, claims: &Value) -> String {
-        self.sign(&json!({"alg": self.alg(), "typ": "JWT", "kid": self.kid}), claims)
+        self.sign(
+            &json!({"alg": self.alg(), "typ": "JWT", "kid": self.kid}),
+            claims,
+        )
     }
 
     /// A valid token for `sub`, expiring in `secs`.
@@ -273,7 +333,11 @@ impl Idp {
     pub async fn start(keys: Vec<Value>) -> Idp {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind idp");
         let addr = listener.local_addr().expect("addr");
-        let state = Arc::new(Mutex::new(IdpState { keys, mode: IdpMode::Ok, hits: 0 }));
+        let state = Arc::new(Mutex::new(IdpState {
+            keys,
+            mode: IdpMode::Ok,
+            hits: 0,
+        }));
         let st = Arc::clone(&state);
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
@@ -296,7 +360,9 @@ impl Idp {
                         IdpMode::Down => return,
                         IdpMode::Slow(d) => tokio::time::sleep(d).await,
                         IdpMode::Garbage => {
-                            let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n<garbage>").await;
+                            let _ = tcp
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n<garbage>")
+                                .await;
                             return;
                         }
                         IdpMode::Ok => {}
@@ -310,7 +376,11 @@ impl Idp {
                 });
             }
         });
-        Idp { addr, url: format!("http://{addr}{JWKS_PATH}"), state }
+        Idp {
+            addr,
+            url: format!("http://{addr}{JWKS_PATH}"),
+            state,
+        }
     }
     pub fn set_keys(&self, keys: Vec<Value>) {
         self.state.lock().expect("lock").keys = keys;
@@ -332,7 +402,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn raw(&self) -> String {
         let mut s = self.target.clone();
@@ -353,18 +426,25 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(tag: &'static str, tls: Option<&Pki>) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let acceptor = tls.map(|pki| {
-            let chain: Vec<_> = CertificateDer::pem_file_iter(&pki.up_cert).expect("cert").map(|c| c.expect("c")).collect();
+            let chain: Vec<_> = CertificateDer::pem_file_iter(&pki.up_cert)
+                .expect("cert")
+                .map(|c| c.expect("c"))
+                .collect();
             let key = PrivateKeyDer::from_pem_file(&pki.up_key).expect("key");
-            let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .expect("server config");
+            let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
             tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
         });
         let s = Arc::clone(&seen);
@@ -385,17 +465,27 @@ impl Upstream {
             }
         });
         let scheme = if tls.is_some() { "wss" } else { "ws" };
-        Upstream { addr, url: format!("{scheme}://localhost:{}", addr.port()), seen }
+        Upstream {
+            addr,
+            url: format!("{scheme}://localhost:{}", addr.port()),
+            seen,
+        }
     }
 
     pub fn last(&self) -> Seen {
-        self.seen.lock().expect("lock").last().cloned().expect("a request reached the upstream")
+        self.seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("a request reached the upstream")
     }
     pub fn count(&self) -> usize {
         self.seen.lock().expect("lock").len()
     }
 }
 
+#[allow(clippy::result_large_err)] // tungstenite's callback signature.
 async fn echo<S>(stream: S, seen: Arc<Mutex<Vec<Seen>>>, tag: &'static str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -404,26 +494,40 @@ where
         let headers = req
             .headers()
             .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
-        let offered = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        seen.lock().expect("lock").push(Seen { target: req.uri().to_string(), headers });
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        seen.lock().expect("lock").push(Seen {
+            target: req.uri().to_string(),
+            headers,
+        });
         if let Some(first) = offered.as_deref().and_then(|o| o.split(',').next()) {
-            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(first.trim()).expect("hv"));
+            resp.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_str(first.trim()).expect("hv"),
+            );
         }
         Ok(resp)
     };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else { return };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else {
+        return;
+    };
     let _ = ws.send(Message::text(format!("hello from {tag}"))).await;
     while let Some(Ok(msg)) = ws.next().await {
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                if ws.send(msg).await.is_err() {
-                    return;
-                }
-            }
-            Message::Close(_) => return,
-            _ => {}
+        if msg.is_close() {
+            return;
+        }
+        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+            return;
         }
     }
 }
@@ -487,21 +591,36 @@ impl Gateway {
         let v: Value = serde_json::from_str(&started).expect("started line is JSON");
         let addr = v["listen"].as_str().expect("listen").parse().expect("addr");
         let admin = v["admin"].as_str().expect("admin").parse().expect("addr");
-        Gateway { child, addr, admin, logs, stderr }
+        Gateway {
+            child,
+            addr,
+            admin,
+            logs,
+            stderr,
+        }
     }
 
     /// GET on the admin listener: (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let resp = within(async {
             let mut tcp = TcpStream::connect(self.admin).await.expect("admin connect");
-            tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.expect("write");
+            tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+                .await
+                .expect("write");
             let mut out = Vec::new();
             tcp.read_to_end(&mut out).await.expect("read");
             String::from_utf8_lossy(&out).into_owned()
         })
         .await;
-        let status = resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -522,7 +641,11 @@ impl Gateway {
     pub async fn wait_log(&self, needles: &[&str]) -> String {
         within(async {
             loop {
-                if let Some(l) = self.logs().into_iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                if let Some(l) = self
+                    .logs()
+                    .into_iter()
+                    .find(|l| needles.iter().all(|n| l.contains(n)))
+                {
                     return l;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -532,7 +655,10 @@ impl Gateway {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().expect("kill");
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(ok.success());
     }
 
@@ -543,7 +669,10 @@ impl Gateway {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 return s;
             }
-            assert!(start.elapsed() < limit, "gateway did not exit within {limit:?}");
+            assert!(
+                start.elapsed() < limit,
+                "gateway did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -574,18 +703,29 @@ impl Env {
         let signer = Signer::rs256("rsa-1");
         let idp = Idp::start(vec![signer.jwk()]).await;
         let upstream = Upstream::start("echo", None).await;
-        Env { pki, signer, idp, upstream }
+        Env {
+            pki,
+            signer,
+            idp,
+            upstream,
+        }
     }
 
     /// Flags for TLS, the JWKS, issuer, audience and the fallback upstream.
     pub fn args(&self) -> Vec<String> {
         [
-            "--tls-cert", self.pki.gw_cert.to_str().expect("p"),
-            "--tls-key", self.pki.gw_key.to_str().expect("p"),
-            "--jwks-url", &self.idp.url,
-            "--jwt-expected-issuer", ISSUER,
-            "--jwt-expected-audience", AUDIENCE,
-            "--upstream-ws-url", &self.upstream.url,
+            "--tls-cert",
+            self.pki.gw_cert.to_str().expect("p"),
+            "--tls-key",
+            self.pki.gw_key.to_str().expect("p"),
+            "--jwks-url",
+            &self.idp.url,
+            "--jwt-expected-issuer",
+            ISSUER,
+            "--jwt-expected-audience",
+            AUDIENCE,
+            "--upstream-ws-url",
+            &self.upstream.url,
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -612,7 +752,10 @@ pub async fn tls(pki: &Pki, addr: SocketAddr) -> TlsStream<TcpStream> {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         tcp.set_nodelay(true).expect("nodelay");
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&pki.client));
-        connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("tls handshake")
+        connector
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("tls handshake")
     })
     .await
 }
@@ -656,18 +799,27 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{ext
 }
 
 pub fn status_of(resp: &str) -> u16 {
-    resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
 /// A WebSocket client (tungstenite) through the gateway with extra headers; `Err(status)` when refused.
-pub async fn connect_ws(pki: &Pki, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+pub async fn connect_ws(
+    pki: &Pki,
+    gw: &Gateway,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, u16> {
     let stream = tls(pki, gw.addr).await;
     let mut req = gw.url(path).into_client_request().expect("request");
     for (n, v) in headers {
         req.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(n.as_bytes()).expect("name"),
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(n.as_bytes())
+                .expect("name"),
             HeaderValue::from_str(v).expect("value"),
         );
     }
@@ -681,7 +833,14 @@ pub async fn connect_ws(pki: &Pki, gw: &Gateway, path: &str, headers: &[(&str, &
 /// A bearer-authenticated client; reads the upstream's greeting.
 pub async fn ws_ok(env: &Env, gw: &Gateway, path: &str) -> Ws {
     let token = env.token();
-    let mut ws = connect_ws(&env.pki, gw, path, &[("Authorization", &format!("Bearer {token}"))]).await.expect("upgrade accepted");
+    let mut ws = connect_ws(
+        &env.pki,
+        gw,
+        path,
+        &[("Authorization", &format!("Bearer {token}"))],
+    )
+    .await
+    .expect("upgrade accepted");
     let hello = next_text(&mut ws).await;
     assert!(hello.starts_with("hello from"), "{hello}");
     ws
@@ -689,7 +848,11 @@ pub async fn ws_ok(env: &Env, gw: &Gateway, path: &str) -> Ws {
 
 pub async fn next_text(ws: &mut Ws) -> String {
     loop {
-        match within(ws.next()).await.expect("stream open").expect("message") {
+        match within(ws.next())
+            .await
+            .expect("stream open")
+            .expect("message")
+        {
             Message::Text(t) => return t.to_string(),
             Message::Binary(b) => return String::from_utf8_lossy(&b).into_owned(),
             _ => {}

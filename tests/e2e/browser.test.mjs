@@ -1,10 +1,16 @@
 // The example page (examples/browser) in headless Chromium: MQTT.js's browser bundle connects through the gateway to
 // Mosquitto with the token in a cookie, in a `bearer.<jwt>` subprotocol, and in the MQTT CONNECT password, and shows
 // the message it published when it comes back. One screenshot per mode goes to a temp dir (printed on stderr).
+//
+// The page is served over HTTPS (https://127.0.0.1:PAGEPORT, the same throwaway certificate as the gateway). Over
+// plain http://127.0.0.1:PAGEPORT Chromium does NOT send the cookie with the wss:// upgrade, whatever its SameSite:
+// an http page and a wss socket are different sites once the scheme counts, and the cookie is then a blocked
+// third-party cookie. The last test shows that pitfall from an http:// copy of the page.
 
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import http from 'node:http';
+import https from 'node:https';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
@@ -24,17 +30,21 @@ const HOST = '127.0.0.1';
 let c;
 let browser;
 let pageServer;
-const shotDir = process.env.E2E_SCREENSHOT_DIR || makeTempDir('screenshots');
+let plainPageServer;
+const shotDir = process.env.E2E_SCREENSHOT_DIR || makeTempDir('screenshots', { keep: true });
 
-/** Serves the example page, its script, and MQTT.js's browser bundle from tests/e2e/node_modules. */
-function startPageServer() {
+/**
+ * Serves the example page, its script, and MQTT.js's browser bundle from tests/e2e/node_modules, over HTTPS with
+ * `tls` ({cert, key} file paths) or plain HTTP without.
+ */
+function startPageServer(tls) {
   const files = {
     '/': [path.join(PAGE_DIR, 'index.html'), 'text/html; charset=utf-8'],
     '/index.html': [path.join(PAGE_DIR, 'index.html'), 'text/html; charset=utf-8'],
     '/app.js': [path.join(PAGE_DIR, 'app.js'), 'text/javascript; charset=utf-8'],
     '/mqtt.min.js': [MQTT_BUNDLE, 'text/javascript; charset=utf-8'],
   };
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
     const entry = files[new URL(req.url, 'http://x').pathname];
     if (!entry) {
       res.writeHead(404).end('not found');
@@ -42,22 +52,27 @@ function startPageServer() {
     }
     res.writeHead(200, { 'content-type': entry[1], 'cache-control': 'no-store' });
     fs.createReadStream(entry[0]).pipe(res);
-  });
+  };
+  const server = tls
+    ? https.createServer({ cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key) }, handler)
+    : http.createServer(handler);
   return new Promise((resolve) => server.listen(0, HOST, () => resolve(server)));
 }
 
 before(async () => {
   assert.ok(fs.existsSync(CHROMIUM), `${CHROMIUM} missing (scripts/e2e.sh installs Debian's chromium)`);
   assert.ok(fs.existsSync(MQTT_BUNDLE), `${MQTT_BUNDLE} missing: run npm ci in tests/e2e`);
-  pageServer = await startPageServer();
-  const pageOrigin = `http://${HOST}:${pageServer.address().port}`;
   const [jwks, tls, broker] = await Promise.all([startJwks(), makeCert(), startMosquitto()]);
+  pageServer = await startPageServer(tls);
+  plainPageServer = await startPageServer(null);
+  const pageOrigin = `https://${HOST}:${pageServer.address().port}`;
+  const plainPageOrigin = `http://${HOST}:${plainPageServer.address().port}`;
   const gw = await startGateway({
     jwks,
     tls,
     upstream: `ws://127.0.0.1:${broker.wsPort}/ws`,
-    // Exactly the page's origin: browsers always send Origin on a WebSocket upgrade.
-    origins: [pageOrigin],
+    // Exactly the pages' origins: browsers always send Origin on a WebSocket upgrade.
+    origins: [pageOrigin, plainPageOrigin],
     env: { JWT_COOKIE_NAME: 'session', MQTT_CONNECT_AUTH: 'true' },
   });
   browser = await withTimeout(chromium.launch({
@@ -68,7 +83,7 @@ before(async () => {
       '--disable-component-update', '--disable-sync',
     ],
   }), 60000, 'chromium launch');
-  c = { jwks, tls, broker, gw, pageOrigin, gwUrl: gw.url('/mqtt', HOST) };
+  c = { jwks, tls, broker, gw, pageOrigin, plainPageOrigin, gwUrl: gw.url('/mqtt', HOST) };
   process.stderr.write(`e2e: browser screenshots go to ${shotDir}\n`);
 }, { timeout: 120000 });
 
@@ -76,14 +91,17 @@ after(async () => {
   await browser?.close().catch(() => {});
   await stopAll();
   await c?.jwks.close();
-  await new Promise((resolve) => (pageServer ? pageServer.close(() => resolve()) : resolve()));
+  for (const server of [pageServer, plainPageServer]) {
+    server?.closeAllConnections?.();
+    await new Promise((resolve) => (server ? server.close(() => resolve()) : resolve()));
+  }
 }, { timeout: 120000 });
 
 /**
  * Opens the page in a fresh context (cookies from `cookies`), waits until #status is final, takes a screenshot and
  * returns { status, log }.
  */
-async function runPage(name, query, { cookies = [], timeout = 20000 } = {}) {
+async function runPage(name, query, { cookies = [], timeout = 20000, origin = c.pageOrigin } = {}) {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 900, height: 640 } });
   try {
     if (cookies.length) await context.addCookies(cookies);
@@ -91,7 +109,7 @@ async function runPage(name, query, { cookies = [], timeout = 20000 } = {}) {
     const consoleLines = [];
     page.on('console', (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
     page.on('pageerror', (e) => consoleLines.push(`pageerror: ${e.message}`));
-    const url = `${c.pageOrigin}/index.html?${new URLSearchParams({ gw: c.gwUrl, ...query })}`;
+    const url = `${origin}/index.html?${new URLSearchParams({ gw: c.gwUrl, ...query })}`;
     await page.goto(url, { timeout: 15000 });
     await page.waitForFunction(() => {
       const s = document.getElementById('status')?.dataset.state;
@@ -114,9 +132,10 @@ const sessionCookie = (value) => ({
   domain: HOST,
   path: '/',
   httpOnly: true,
-  // The page is http:// and the socket wss://: a cross-scheme request, so the cookie must be SameSite=None; Secure.
+  // What a login endpoint on the gateway's host would set. Lax suffices: the https page and the wss socket are
+  // same-site (a cookie is not scoped by port).
   secure: true,
-  sameSite: 'None',
+  sameSite: 'Lax',
 });
 
 describe('browser (Chromium + MQTT.js bundle)', () => {
@@ -162,7 +181,7 @@ describe('browser (Chromium + MQTT.js bundle)', () => {
     try {
       await context.addCookies([sessionCookie(c.jwks.mint())]);
       const page = await context.newPage();
-      const other = c.pageOrigin.replace('127.0.0.1', 'localhost');
+      const other = c.pageOrigin.replace('127.0.0.1', 'localhost'); // https://localhost:PAGEPORT
       await page.goto(`${other}/index.html?${new URLSearchParams({ gw: c.gwUrl, mode: 'cookie' })}`, { timeout: 15000 });
       await page.waitForFunction(() => document.getElementById('status')?.dataset.state === 'error', null, { timeout: 20000 });
       const log = await page.$$eval('#log li', (els) => els.map((e) => e.textContent));
@@ -172,5 +191,17 @@ describe('browser (Chromium + MQTT.js bundle)', () => {
     } finally {
       await context.close();
     }
+  });
+  test('browser: from an http:// page the cookie is NOT sent with the wss:// upgrade (cross-scheme pitfall)', { timeout: 60000 }, async () => {
+    // Same cookie as the cookie test, even SameSite=None; Secure, but the page is http://: Chromium treats the
+    // upgrade as cross-site and withholds the cookie, so the upgrade carries no token. The gateway then takes the
+    // MQTT CONNECT password path and refuses the password-less CONNECT (CONNACK 5), or answers 401 without it.
+    const r = await runPage('http-page-cookie', { mode: 'cookie' }, {
+      origin: c.plainPageOrigin,
+      cookies: [{ ...sessionCookie(c.jwks.mint({ sub: 'browser-http-page' })), sameSite: 'None' }],
+    });
+    assert.match(r.status, /^error:/, `page log:\n${r.log.join('\n')}`);
+    const cookieSessions = c.gw.events().filter((e) => e.event === 'session_end' && e.subject === 'browser-http-page');
+    assert.equal(cookieSessions.length, 0, 'no session was authenticated by the cookie');
   });
 });

@@ -75,8 +75,13 @@ export async function waitForPort(port, ms, what, host = '127.0.0.1', isAlive = 
   }
 }
 
-export function makeTempDir(prefix) {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `ws-gateway-e2e-${prefix}-`));
+/** Temp dirs made by this process, removed by `stopAll()` unless E2E_KEEP_TMP=1 (or made with keep). */
+const tempDirs = [];
+
+export function makeTempDir(prefix, { keep = false } = {}) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `ws-gateway-e2e-${prefix}-`));
+  if (!keep) tempDirs.push(dir);
+  return dir;
 }
 
 export function uniqueId(prefix = 'e2e') {
@@ -164,6 +169,9 @@ export async function stopAll() {
       process.stderr.write(`e2e: stopping ${child.name}: ${err.message}\n`);
       signalChild(child, 'SIGKILL');
     }
+  }
+  if (process.env.E2E_KEEP_TMP !== '1') {
+    for (const dir of tempDirs.splice(0)) fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
@@ -417,6 +425,10 @@ export async function startRabbit() {
     ERL_EPMD_PORT: String(epmdPort),
   };
   delete env.RABBITMQ_CONF_ENV_FILE;
+  // Our own epmd, in the foreground as a child of this process (erl would otherwise daemonize one that nobody
+  // reaps): loopback only, on a private port, so a system epmd on 4369 neither matters nor gets touched.
+  const epmd = startProcess('epmd', 'epmd', ['-port', String(epmdPort), '-address', '127.0.0.1']);
+  await waitForPort(epmdPort, 10000, 'epmd', '127.0.0.1', () => epmd.alive);
   await withTimeout(execFileP(path.join(RABBIT_BIN, 'rabbitmq-plugins'), ['--offline', 'enable', 'rabbitmq_web_mqtt'],
     { env }), 60000, 'rabbitmq-plugins enable rabbitmq_web_mqtt');
 
@@ -430,8 +442,9 @@ export async function startRabbit() {
         .catch((err) => process.stderr.write(`e2e: rabbitmqctl stop: ${err.message}\n`));
       await withTimeout(child.exited, 30000, 'rabbitmq to exit').catch(() => terminate(child, 10000));
     }
-    // Our private epmd (on epmdPort) outlives the node: end it.
+    // Our private epmd (on epmdPort) outlives the node: `epmd -kill` asks it to exit, SIGTERM if it does not.
     await withTimeout(execFileP('epmd', ['-kill'], { env }), 10000, 'epmd -kill').catch(() => {});
+    await withTimeout(epmd.exited, 5000, 'epmd to exit').catch(() => terminate(epmd, 5000));
     return child.exited;
   };
   child.stop = stop;
