@@ -512,8 +512,12 @@ async fn admit(
     }
     let (source, token) =
         find_token(head, &auth.cookie_name, &auth.query_param).ok_or(AuthError::Missing)?;
-    let identity = gw.verifier.verify(&token).await?;
-    Ok((identity, source))
+    let (result, cached) = gw.verifier.verify_traced(&token).await;
+    gw.metrics
+        .token_cache
+        .get_or_create(&[("result", if cached { "hit" } else { "miss" })])
+        .inc();
+    Ok((result?, source))
 }
 
 #[allow(clippy::too_many_arguments)]

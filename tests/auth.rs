@@ -561,3 +561,50 @@ async fn origin_policy() {
     .await;
     assert_eq!(status_of(&head), 101);
 }
+
+#[tokio::test]
+async fn verified_tokens_are_cached_until_their_key_is_withdrawn() {
+    let env = Env::new().await;
+    let gw = env.gateway(&["--jwks-refetch-interval-seconds", "1"]).await;
+    let token = env.token();
+    for _ in 0..3 {
+        let mut ws = connect_ws(
+            &env.pki,
+            &gw,
+            "/",
+            &[("Authorization", &format!("Bearer {token}"))],
+        )
+        .await
+        .expect("ok");
+        assert_eq!(next_text(&mut ws).await, "hello from echo");
+    }
+    let (_, text) = gw.admin_get("/metrics").await;
+    assert!(
+        text.contains("ws_token_cache_total{result=\"miss\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ws_token_cache_total{result=\"hit\"} 2\n"),
+        "{text}"
+    );
+    // The IdP withdraws the key; once the gateway has refetched, the cached token no longer opens a session.
+    let other = Signer::es256("replacement");
+    env.idp.set_keys(vec![other.jwk()]);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let unknown = Signer::rs256("unknown-kid").valid("x", 300);
+    let resp = raw(
+        &env.pki,
+        gw.addr,
+        upgrade("/", &format!("Authorization: Bearer {unknown}\r\n")).as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 401);
+    gw.wait_log(&["jwks_refreshed", "unknown_kid"]).await;
+    let resp = raw(
+        &env.pki,
+        gw.addr,
+        upgrade("/", &format!("Authorization: Bearer {token}\r\n")).as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 401, "{resp}");
+}

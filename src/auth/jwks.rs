@@ -294,6 +294,11 @@ impl JwksCache {
         }
     }
 
+    /// Installs keys without a fetch (benchmarks, embedding); the next refresh replaces them.
+    pub fn preload(&self, set: KeySet) {
+        self.current.store(Some(Arc::new(set)));
+    }
+
     /// The keys in use, if any fetch has succeeded.
     #[must_use]
     pub fn current(&self) -> Option<Arc<KeySet>> {

@@ -234,13 +234,71 @@ pub fn unix_now() -> i64 {
 pub struct Verifier {
     policy: Policy,
     keys: Arc<JwksCache>,
+    cache: TokenCache,
+}
+
+/// Most tokens remembered by the verified-token cache.
+pub const TOKEN_CACHE_CAPACITY: usize = 16_384;
+
+/// Tokens that passed full verification, keyed by the SHA-256 of the whole token, so a reconnect storm does not
+/// pay for the signature again. An entry lives until the token's `exp` (plus leeway) and only while the key that
+/// signed it is still in the JWKS.
+#[derive(Debug, Default)]
+struct TokenCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Cached>>,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    identity: Identity,
+    kid: Option<String>,
+    alg: Algorithm,
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl TokenCache {
+    fn get(&self, hash: &[u8; 32], now: i64, leeway: i64) -> Option<Cached> {
+        let mut map = self.entries.lock().ok()?;
+        match map.get(hash) {
+            Some(c) if now - leeway < c.identity.expires_at => Some(c.clone()),
+            Some(_) => {
+                map.remove(hash);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, hash: [u8; 32], entry: Cached, now: i64, leeway: i64) {
+        let Ok(mut map) = self.entries.lock() else {
+            return;
+        };
+        if map.len() >= TOKEN_CACHE_CAPACITY {
+            map.retain(|_, c| now - leeway < c.identity.expires_at);
+            if map.len() >= TOKEN_CACHE_CAPACITY {
+                // Still full of live tokens: start over rather than track recency on the hot path.
+                map.clear();
+            }
+        }
+        map.insert(hash, entry);
+    }
 }
 
 impl Verifier {
     /// A verifier for `policy` using `keys`.
     #[must_use]
     pub fn new(policy: Policy, keys: Arc<JwksCache>) -> Verifier {
-        Verifier { policy, keys }
+        Verifier {
+            policy,
+            keys,
+            cache: TokenCache::default(),
+        }
     }
 
     /// The policy.
@@ -260,6 +318,43 @@ impl Verifier {
     /// # Errors
     /// Any [`AuthError`]; [`AuthError::NoKeys`] when the JWKS has never been fetched.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let (result, _) = self.verify_traced(token).await;
+        result
+    }
+
+    /// [`Verifier::verify`], also saying whether the verified-token cache answered.
+    pub async fn verify_traced(&self, token: &str) -> (Result<Identity, AuthError>, bool) {
+        let now = unix_now();
+        let hash = token_hash(token);
+        if let Some(hit) = self.cache.get(&hash, now, self.policy.leeway) {
+            // The signing key must still be published: removing a key from the JWKS revokes its tokens.
+            let still_published = self
+                .keys
+                .current()
+                .is_some_and(|set| set.find(hit.kid.as_deref(), hit.alg).is_some());
+            if still_published {
+                return (Ok(hit.identity), true);
+            }
+        }
+        match self.verify_full(token).await {
+            Ok(entry) => {
+                let identity = entry.identity.clone();
+                self.cache.put(hash, entry, now, self.policy.leeway);
+                (Ok(identity), false)
+            }
+            Err(e) => (Err(e), false),
+        }
+    }
+
+    /// Full verification, bypassing the cache.
+    ///
+    /// # Errors
+    /// Any [`AuthError`].
+    pub async fn verify_uncached(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_full(token).await.map(|c| c.identity)
+    }
+
+    async fn verify_full(&self, token: &str) -> Result<Cached, AuthError> {
         let parsed = parse(token, &self.policy)?;
         let key = self.find_key(&parsed).await?;
         if !key.fits(parsed.alg) {
@@ -272,7 +367,12 @@ impl Verifier {
         ) {
             return Err(AuthError::Signature);
         }
-        check_claims(&parsed.payload, &self.policy, unix_now())
+        let identity = check_claims(&parsed.payload, &self.policy, unix_now())?;
+        Ok(Cached {
+            identity,
+            kid: parsed.kid,
+            alg: parsed.alg,
+        })
     }
 
     async fn find_key(&self, parsed: &Parsed<'_>) -> Result<Arc<Jwk>, AuthError> {

@@ -227,6 +227,8 @@ export async function startJwks() {
   return {
     url: `http://127.0.0.1:${port}/jwks.json`,
     kid,
+    /** The public key as SPKI PEM (for brokers configured with static signing keys). */
+    publicPem: publicKey.export({ type: 'spki', format: 'pem' }),
     mint,
     /** A token signed by a key that is not in the JWKS (same kid): a bad signature. */
     mintForged(claims = {}) {
@@ -389,9 +391,13 @@ const RABBIT_BIN = '/usr/lib/rabbitmq/bin';
 /**
  * Starts a private RabbitMQ 3.10 node (temp HOME, data and logs; epmd, AMQP, distribution, MQTT and Web MQTT on
  * private loopback ports) with rabbitmq_web_mqtt enabled. Web MQTT serves path /ws, MQTT 3.1.1 only.
+ * With `oauth2: { resourceServerId, kid, publicPem }` it also enables rabbitmq_auth_backend_oauth2 as the first
+ * authentication backend (the internal one second, so anonymous MQTT clients still log in as guest): an MQTT CONNECT
+ * whose password is a JWT signed by that key, with `aud` = resourceServerId and scopes `<id>.read:*\/*` etc., logs in
+ * as the token's subject.
  * Returns { wsPort, mqttPort, child, env, startupMs, stop() }.
  */
-export async function startRabbit() {
+export async function startRabbit({ oauth2 } = {}) {
   if (!fs.existsSync(path.join(RABBIT_BIN, 'rabbitmq-server'))) {
     throw new Error('rabbitmq-server is not installed (scripts/e2e.sh installs it)');
   }
@@ -410,8 +416,16 @@ export async function startRabbit() {
     'log.console = true',
     'log.console.level = info',
     'log.file = false',
+    ...(oauth2 ? [
+      'auth_backends.1 = rabbit_auth_backend_oauth2',
+      'auth_backends.2 = rabbit_auth_backend_internal',
+      `auth_oauth2.resource_server_id = ${oauth2.resourceServerId}`,
+      `auth_oauth2.signing_keys.${oauth2.kid} = ${path.join(dir, 'oauth2-signing-key.pem')}`,
+      `auth_oauth2.default_key = ${oauth2.kid}`,
+    ] : []),
     '',
   ].join('\n'));
+  if (oauth2) fs.writeFileSync(path.join(dir, 'oauth2-signing-key.pem'), oauth2.publicPem);
   const env = {
     ...process.env,
     HOME: dir,
@@ -429,8 +443,9 @@ export async function startRabbit() {
   // reaps): loopback only, on a private port, so a system epmd on 4369 neither matters nor gets touched.
   const epmd = startProcess('epmd', 'epmd', ['-port', String(epmdPort), '-address', '127.0.0.1']);
   await waitForPort(epmdPort, 10000, 'epmd', '127.0.0.1', () => epmd.alive);
-  await withTimeout(execFileP(path.join(RABBIT_BIN, 'rabbitmq-plugins'), ['--offline', 'enable', 'rabbitmq_web_mqtt'],
-    { env }), 60000, 'rabbitmq-plugins enable rabbitmq_web_mqtt');
+  const plugins = ['rabbitmq_web_mqtt', ...(oauth2 ? ['rabbitmq_auth_backend_oauth2'] : [])];
+  await withTimeout(execFileP(path.join(RABBIT_BIN, 'rabbitmq-plugins'), ['--offline', 'enable', ...plugins],
+    { env }), 60000, `rabbitmq-plugins enable ${plugins.join(' ')}`);
 
   const child = startProcess('rabbitmq', path.join(RABBIT_BIN, 'rabbitmq-server'), [], { env, cwd: dir });
   let stopped = false;
