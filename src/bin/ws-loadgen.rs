@@ -31,7 +31,7 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use rustls_pki_types::ServerName;
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
 use ws_gateway::frame::{self, OP_BINARY, OP_CLOSE};

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with the Rust toolchain: installs what the tests need when it is
+# missing, then runs the Rust unit and integration tests, the manifest checks, the broker and browser tests, and a
+# smoke run of the load generator. Ends with one line: "test.sh: N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+apt_ready=0
+need_apt() { # need_apt COMMAND PACKAGE...
+  command -v "$1" >/dev/null 2>&1 && return 0
+  shift
+  if [ "$apt_ready" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+    apt_ready=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+need_apt openssl openssl
+need_apt kill procps
+
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+passed=0
+failed=0
+stages_failed=()
+
+count() { # count LOG: adds the runner's own pass/fail totals
+  local p f
+  p=$(grep -Eo '([0-9]+) passed' "$1" | awk '{s+=$1} END {print s+0}')
+  f=$(grep -Eo '([0-9]+) failed' "$1" | awk '{s+=$1} END {print s+0}')
+  # node --test prints "# pass N" / "# fail N"
+  p=$((p + $(grep -E '^# pass [0-9]+' "$1" | awk '{s+=$3} END {print s+0}')))
+  f=$((f + $(grep -E '^# fail [0-9]+' "$1" | awk '{s+=$3} END {print s+0}')))
+  passed=$((passed + p))
+  failed=$((failed + f))
+}
+
+stage() { # stage NAME COMMAND...
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local log="$logs/$name.log"
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  count "$log"
+  echo "== $name: exit $rc in $((SECONDS - start)) s"
+  if [ "$rc" != 0 ]; then
+    stages_failed+=("$name")
+    # A stage that failed without reporting a failed test still counts as one failure.
+    grep -Eq '[1-9][0-9]* failed|^# fail [1-9]' "$log" || failed=$((failed + 1))
+  fi
+}
+
+stage build cargo build --locked --all-targets
+stage cargo-test cargo test --locked --no-fail-fast
+stage manifests bash scripts/check-manifests.sh
+[ -f scripts/e2e.sh ] && stage e2e bash scripts/e2e.sh
+[ -f scripts/bench.sh ] && stage bench-smoke env QUICK=1 bash scripts/bench.sh
+
+if [ ${#stages_failed[@]} -gt 0 ]; then
+  echo "failed stages: ${stages_failed[*]}"
+fi
+echo "test.sh: $passed passed, $failed failed"
+[ ${#stages_failed[@]} -eq 0 ]
