@@ -247,33 +247,13 @@ pub async fn handle(
 
     let request =
         upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
-    let dial_started = Instant::now();
-    let connected =
-        match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
-            Ok(c) => c,
-            Err(e) => {
-                gw.metrics
-                    .upstream_failures
-                    .get_or_create(&[("kind", e.kind())])
-                    .inc();
-                gw.metrics
-                    .proxy_errors
-                    .get_or_create(&[("kind", "upstream")])
-                    .inc();
-                return refuse(
-                    gw,
-                    &mut io,
-                    peer,
-                    Some(&head),
-                    Some(route),
-                    ConnError::Upstream(e),
-                )
-                .await;
-            }
-        };
-    gw.metrics
-        .upstream_dial_duration
-        .observe(dial_started.elapsed().as_secs_f64());
+    let connected = match dial(gw, route, &request).await {
+        Ok(c) => c,
+        Err(e) => {
+            let err = ConnError::Upstream(e);
+            return refuse(gw, &mut io, peer, Some(&head), Some(route), err).await;
+        }
+    };
     let upstream::Connected {
         io: up,
         response,
@@ -438,36 +418,23 @@ async fn mqtt_session(
     };
     gw.metrics.auth_success.inc();
     let request = upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));
-    let dial_started = Instant::now();
-    let connected =
-        match upstream::connect(route, &request, &gw.upstream_tls, gw.config.timeouts.dial).await {
-            Ok(c) => c,
-            Err(e) => {
-                gw.metrics
-                    .upstream_failures
-                    .get_or_create(&[("kind", e.kind())])
-                    .inc();
-                gw.metrics
-                    .proxy_errors
-                    .get_or_create(&[("kind", "upstream")])
-                    .inc();
-                let connack = crate::mqtt::connack_unavailable(connect.level);
-                return send_and_close(
-                    &mut io,
-                    refusal(
-                        Some(connack),
-                        1014,
-                        "upstream unavailable",
-                        e.kind(),
-                        e.to_string(),
-                    ),
-                )
-                .await;
-            }
-        };
-    gw.metrics
-        .upstream_dial_duration
-        .observe(dial_started.elapsed().as_secs_f64());
+    let connected = match dial(gw, route, &request).await {
+        Ok(c) => c,
+        Err(e) => {
+            let connack = crate::mqtt::connack_unavailable(connect.level);
+            return send_and_close(
+                &mut io,
+                refusal(
+                    Some(connack),
+                    1014,
+                    "upstream unavailable",
+                    e.kind(),
+                    e.to_string(),
+                ),
+            )
+            .await;
+        }
+    };
     gw.metrics
         .handshake_duration
         .observe(started.elapsed().as_secs_f64());
@@ -488,6 +455,33 @@ async fn mqtt_session(
         guard,
     )
     .await;
+}
+
+/// Dials the route's upstream and checks its 101, recording the dial latency or the failure.
+async fn dial(
+    gw: &Gateway,
+    route: &Route,
+    request: &upstream::UpstreamRequest,
+) -> Result<upstream::Connected, UpstreamError> {
+    let started = Instant::now();
+    let result = upstream::connect(route, request, &gw.upstream_tls, gw.config.timeouts.dial).await;
+    match &result {
+        Ok(_) => gw
+            .metrics
+            .upstream_dial_duration
+            .observe(started.elapsed().as_secs_f64()),
+        Err(e) => {
+            gw.metrics
+                .upstream_failures
+                .get_or_create(&[("kind", e.kind())])
+                .inc();
+            gw.metrics
+                .proxy_errors
+                .get_or_create(&[("kind", "upstream")])
+                .inc();
+        }
+    }
+    result
 }
 
 async fn send_and_close(io: &mut Io, bytes: Vec<u8>) {

@@ -256,12 +256,7 @@ async fn routes_pick_the_first_matching_prefix_and_apply_their_options() {
 async fn wss_upstream_with_a_private_ca() {
     let env = Env::new().await;
     let secure = Upstream::start("secure", Some(&env.pki)).await;
-    let mut args = env.args();
-    let i = args
-        .iter()
-        .position(|a| a == "--upstream-ws-url")
-        .expect("flag");
-    args[i + 1] = secure.url.clone();
+    let mut args = env.args_upstream(&secure.url);
     args.extend([
         "--upstream-ca-file".to_owned(),
         env.pki.ca_pem.to_str().expect("p").to_owned(),
@@ -283,12 +278,7 @@ async fn wss_upstream_with_a_private_ca() {
     assert_eq!(next_text(&mut conn).await, "over wss");
 
     // Without the CA the upstream's certificate is not trusted: 502.
-    let mut args = env.args();
-    let i = args
-        .iter()
-        .position(|a| a == "--upstream-ws-url")
-        .expect("flag");
-    args[i + 1] = secure.url.clone();
+    let args = env.args_upstream(&secure.url);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
     assert_eq!(
@@ -329,12 +319,7 @@ async fn upstream_that_refuses_or_is_down_gives_502() {
         format!("ws://127.0.0.1:{port}/"),
         format!("ws://127.0.0.1:{http_port}/"),
     ] {
-        let mut args = env.args();
-        let i = args
-            .iter()
-            .position(|a| a == "--upstream-ws-url")
-            .expect("flag");
-        args[i + 1] = url;
+        let args = env.args_upstream(&url);
         let gw = Gateway::spawn(&args, &[]);
         gw.wait_ready().await;
         assert_eq!(
@@ -416,12 +401,7 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
             });
         }
     });
-    let mut args = env.args();
-    let i = args
-        .iter()
-        .position(|a| a == "--upstream-ws-url")
-        .expect("flag");
-    args[i + 1] = format!("ws://127.0.0.1:{port}/");
+    let mut args = env.args_upstream(&format!("ws://127.0.0.1:{port}/"));
     args.extend(["--ws-write-timeout-seconds".to_owned(), "1".to_owned()]);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
@@ -522,12 +502,7 @@ async fn half_close_from_the_upstream_reaches_the_client() {
             });
         }
     });
-    let mut args = env.args();
-    let i = args
-        .iter()
-        .position(|a| a == "--upstream-ws-url")
-        .expect("flag");
-    args[i + 1] = format!("ws://127.0.0.1:{port}/");
+    let args = env.args_upstream(&format!("ws://127.0.0.1:{port}/"));
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
     let token = env.token();

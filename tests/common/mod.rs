@@ -732,6 +732,17 @@ impl Env {
         .collect()
     }
 
+    /// The usual flags with another fallback upstream.
+    pub fn args_upstream(&self, url: &str) -> Vec<String> {
+        let mut args = self.args();
+        let i = args
+            .iter()
+            .position(|a| a == "--upstream-ws-url")
+            .expect("flag");
+        args[i + 1] = url.to_owned();
+        args
+    }
+
     /// Starts a gateway with the usual flags plus `extra`, and waits for readiness.
     pub async fn gateway(&self, extra: &[&str]) -> Gateway {
         let mut args = self.args();
