@@ -143,14 +143,35 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
     );
 }
 
+/// A connection that passed every check and has an upstream: what the relay needs, and nothing else.
+pub struct Established<'a> {
+    client: Io,
+    upstream: Io,
+    client_rest: Vec<u8>,
+    upstream_rest: Vec<u8>,
+    peer: SocketAddr,
+    route: &'a Route,
+    identity: Identity,
+    source: Source,
+}
+
 /// One connection from accept to close.
-pub async fn handle(
+///
+/// The handshake phase runs in its own boxed future, freed before the relay starts: a long-lived idle session then
+/// holds only what relaying needs, not the (much larger) state of TLS, token and upstream handshakes.
+pub async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, guard: ConnectionGuard) {
+    gw.metrics.connections.inc();
+    if let Some(session) = Box::pin(establish(gw, tcp, peer)).await {
+        relay(gw, session, guard).await;
+    }
+}
+
+/// Everything before the relay; `None` when the connection was refused or went away (already answered and logged).
+async fn establish(
     gw: &Gateway,
     mut tcp: TcpStream,
     mut peer: SocketAddr,
-    guard: ConnectionGuard,
-) {
-    gw.metrics.connections.inc();
+) -> Option<Established<'_>> {
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + gw.config.timeouts.handshake;
 
@@ -166,7 +187,7 @@ pub async fn handle(
                 .proxy_errors
                 .get_or_create(&[("kind", "proxy_untrusted")])
                 .inc();
-            return;
+            return None;
         }
         match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await
         {
@@ -178,9 +199,9 @@ pub async fn handle(
                     .proxy_errors
                     .get_or_create(&[("kind", "proxy_header")])
                     .inc();
-                return;
+                return None;
             }
-            Err(_) => return,
+            Err(_) => return None,
         }
     }
 
@@ -190,12 +211,12 @@ pub async fn handle(
             Ok(Err(error)) => {
                 gw.metrics.tls_handshake_failures.inc();
                 tracing::debug!(event = "tls_handshake_failed", peer = %peer, %error, "TLS handshake failed");
-                return;
+                return None;
             }
             Err(_) => {
                 gw.metrics.tls_handshake_failures.inc();
                 tracing::debug!(event = "tls_handshake_timeout", peer = %peer, "TLS handshake timed out");
-                return;
+                return None;
             }
         },
         None => Io::Plain(tcp),
@@ -208,7 +229,7 @@ pub async fn handle(
     .await
     {
         Ok(Ok(Ok(ReadHead::Complete(head, rest)))) => (head, rest),
-        Ok(Ok(Ok(ReadHead::Closed))) | Ok(Err(_)) => return,
+        Ok(Ok(Ok(ReadHead::Closed))) | Ok(Err(_)) => return None,
         Ok(Ok(Err(e))) => {
             return refuse(gw, &mut io, peer, None, None, ConnError::Upgrade(e)).await
         }
@@ -223,7 +244,7 @@ pub async fn handle(
             UpgradeError::Method.response()
         };
         let _ = resp.send(&mut io).await;
-        return;
+        return None;
     }
     let Some(route) = gw.config.routes.find(head.path()) else {
         return refuse(
@@ -239,7 +260,7 @@ pub async fn handle(
     let (identity, source) = match admit(gw, &head, route).await {
         Ok(ok) => ok,
         Err(ConnError::Auth(AuthError::Missing)) if mqtt_password_applies(gw, &head, route) => {
-            return mqtt_session(gw, io, &head, rest, peer, route, guard).await;
+            return Box::pin(mqtt_session(gw, io, &head, rest, peer, route)).await;
         }
         Err(e) => return refuse(gw, &mut io, peer, Some(&head), Some(route), e).await,
     };
@@ -263,7 +284,7 @@ pub async fn handle(
 
     use tokio::io::AsyncWriteExt;
     if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
-        return;
+        return None;
     }
     gw.metrics
         .handshake_duration
@@ -272,11 +293,16 @@ pub async fn handle(
         .protocol_connections
         .get_or_create(&[("protocol", protocol_label(protocol.as_deref()))])
         .inc();
-
-    relay(
-        gw, io, up, rest, up_rest, peer, route, &identity, source, guard,
-    )
-    .await;
+    Some(Established {
+        client: io,
+        upstream: up,
+        client_rest: rest,
+        upstream_rest: up_rest,
+        peer,
+        route,
+        identity,
+        source,
+    })
 }
 
 fn forwarding<'a>(
@@ -311,15 +337,14 @@ fn mqtt_password_applies(gw: &Gateway, head: &RequestHead, route: &Route) -> boo
 
 /// Completes the client's handshake, reads and verifies the CONNECT password, then dials the upstream and relays
 /// the CONNECT and everything after it unchanged. Refusals are CONNACK "not authorized" then Close 1008.
-async fn mqtt_session(
-    gw: &Gateway,
+async fn mqtt_session<'a>(
+    gw: &'a Gateway,
     mut io: Io,
     head: &RequestHead,
     rest: Vec<u8>,
     peer: SocketAddr,
-    route: &Route,
-    guard: ConnectionGuard,
-) {
+    route: &'a Route,
+) -> Option<Established<'a>> {
     use tokio::io::AsyncWriteExt;
     let started = Instant::now();
     let key = head
@@ -332,7 +357,7 @@ async fn mqtt_session(
         crate::upgrade::accept_key(key)
     );
     if io.write_all(accept.as_bytes()).await.is_err() || io.flush().await.is_err() {
-        return;
+        return None;
     }
     // Logs and counts a refusal; returns the frames that tell the client (CONNACK, then Close).
     let refusal = |connack: Option<Vec<u8>>,
@@ -442,19 +467,16 @@ async fn mqtt_session(
         .protocol_connections
         .get_or_create(&[("protocol", "mqtt")])
         .inc();
-    relay(
-        gw,
-        io,
-        connected.io,
-        raw,
-        connected.rest,
+    Some(Established {
+        client: io,
+        upstream: connected.io,
+        client_rest: raw,
+        upstream_rest: connected.rest,
         peer,
         route,
-        &identity,
-        Source::MqttPassword,
-        guard,
-    )
-    .await;
+        identity,
+        source: Source::MqttPassword,
+    })
 }
 
 /// Dials the route's upstream and checks its 101, recording the dial latency or the failure.
@@ -484,11 +506,12 @@ async fn dial(
     result
 }
 
-async fn send_and_close(io: &mut Io, bytes: Vec<u8>) {
+async fn send_and_close<T>(io: &mut Io, bytes: Vec<u8>) -> Option<T> {
     use tokio::io::AsyncWriteExt;
     let _ = io.write_all(&bytes).await;
     let _ = io.flush().await;
     let _ = io.shutdown().await;
+    None
 }
 
 /// Route-level checks, Origin, then the token.
@@ -514,19 +537,17 @@ async fn admit(
     Ok((result?, source))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    gw: &Gateway,
-    mut client: Io,
-    mut upstream: Io,
-    client_rest: Vec<u8>,
-    upstream_rest: Vec<u8>,
-    peer: SocketAddr,
-    route: &Route,
-    identity: &Identity,
-    source: Source,
-    guard: ConnectionGuard,
-) {
+async fn relay(gw: &Gateway, session: Established<'_>, guard: ConnectionGuard) {
+    let Established {
+        mut client,
+        mut upstream,
+        client_rest,
+        upstream_rest,
+        peer,
+        route,
+        identity,
+        source,
+    } = session;
     let registration = gw.registry.register(SessionInfo {
         subject: identity.subject.clone(),
         token_id: identity.token_id.clone(),
@@ -589,14 +610,14 @@ async fn relay(
 
 /// Answers a refused request, counts it and logs one line; the path is logged without its query (which may carry
 /// a token).
-async fn refuse(
+async fn refuse<T>(
     gw: &Gateway,
     io: &mut Io,
     peer: SocketAddr,
     head: Option<&RequestHead>,
     route: Option<&Route>,
     err: ConnError,
-) {
+) -> Option<T> {
     let resp = err.response();
     gw.metrics.reject(resp.status);
     if let ConnError::Auth(a) = &err {
@@ -616,4 +637,5 @@ async fn refuse(
         "request refused"
     );
     let _ = resp.send(io).await;
+    None
 }
