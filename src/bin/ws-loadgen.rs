@@ -33,7 +33,6 @@ use rustls_pki_types::ServerName;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::mpsc;
 use ws_gateway::frame::{self, OP_BINARY, OP_CLOSE};
 use ws_gateway::net::{Io, Url};
 use ws_gateway::upgrade::accept_key;
@@ -824,39 +823,13 @@ async fn latency(
     let epoch = Instant::now() + Duration::from_millis(200);
     // The drain: echoes scheduled before the end have this long to arrive.
     let stop = epoch + total + step;
-    let mut senders = Vec::with_capacity(sessions);
-    let mut tasks = Vec::with_capacity(sessions);
-    for (i, s) in opened.into_iter().enumerate() {
-        let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
-        senders.push(tx);
+    let mut writers = Vec::with_capacity(sessions);
+    let mut readers = Vec::with_capacity(sessions);
+    for s in opened {
         let Session { io, buf, .. } = s;
-        let (mut rd, mut wr) = tokio::io::split(io);
-        let writer = tokio::spawn(async move {
-            let mut lags = Vec::new();
-            let mut n = (i as u64) << 32;
-            let mut body = vec![0u8; payload];
-            while let Some(sched) = rx.recv().await {
-                let now = epoch.elapsed().as_nanos() as u64;
-                body[..8].copy_from_slice(&sched.to_le_bytes());
-                n += 1;
-                let bytes = frame::encode(OP_BINARY, &body, Some(mask_key(n)));
-                let wrote = tokio::time::timeout(step, async {
-                    wr.write_all(&bytes).await?;
-                    wr.flush().await
-                })
-                .await;
-                if !matches!(wrote, Ok(Ok(()))) {
-                    return (lags, n - ((i as u64) << 32), false);
-                }
-                if sched >= warm_ns {
-                    lags.push(now.saturating_sub(sched));
-                }
-            }
-            let close = frame::close_frame(frame::CLOSE_NORMAL, "", Some(mask_key(0)));
-            let _ = tokio::time::timeout(step, wr.write_all(&close)).await;
-            (lags, n - ((i as u64) << 32), true)
-        });
-        let reader = tokio::spawn(async move {
+        let (mut rd, wr) = tokio::io::split(io);
+        writers.push(wr);
+        readers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut received = 0u64;
             let mut buf = buf;
@@ -864,10 +837,10 @@ async fn latency(
                 let got = tokio::time::timeout_at(stop.into(), read_frame(&mut rd, &mut buf)).await;
                 let Ok(Ok(f)) = got else { break };
                 let now = epoch.elapsed().as_nanos() as u64;
-                let mut b = [0u8; 8];
                 if f.payload.len() < 8 {
                     continue;
                 }
+                let mut b = [0u8; 8];
                 b.copy_from_slice(&f.payload[..8]);
                 let sched = u64::from_le_bytes(b);
                 received += 1;
@@ -876,59 +849,82 @@ async fn latency(
                 }
             }
             (lat, received)
-        });
-        tasks.push((writer, reader));
+        }));
     }
 
-    // The schedule runs on its own thread: std sleeps are precise to tens of microseconds, tokio's timer to 1 ms.
+    // The schedule runs on its own thread and writes itself: std sleeps are precise to tens of microseconds (tokio's
+    // timer to 1 ms), and writing here avoids waking a parked worker for every message. A write to a socket with
+    // room in its buffer completes at once; a blocked one waits under the step timeout and counts as late.
+    let handle = tokio::runtime::Handle::current();
     let schedule = std::thread::spawn(move || {
         let total_ns = total.as_nanos() as u64;
         let interval = 1e9 / rate;
+        let mut lags = Vec::new();
         let mut sent_warm = 0u64;
         let mut sent_measured = 0u64;
+        let mut broken = vec![false; writers.len()];
+        let mut body = vec![0u8; payload];
         let mut k = 0u64;
         loop {
             let sched = (k as f64 * interval) as u64;
             if sched >= total_ns {
                 break;
             }
+            k += 1;
             let at = epoch + Duration::from_nanos(sched);
             let now = Instant::now();
             if at > now {
                 std::thread::sleep(at - now);
             }
-            // Invariant: `senders` is not empty (sessions >= 1).
-            let i = (k % senders.len() as u64) as usize;
-            if senders[i].send(sched).is_ok() {
-                if sched >= warm_ns {
-                    sent_measured += 1;
-                } else {
-                    sent_warm += 1;
-                }
+            // Invariant: `writers` is not empty (sessions >= 1).
+            let i = ((k - 1) % writers.len() as u64) as usize;
+            if broken[i] {
+                continue;
             }
-            k += 1;
+            let lag = (epoch.elapsed().as_nanos() as u64).saturating_sub(sched);
+            body[..8].copy_from_slice(&sched.to_le_bytes());
+            let bytes = frame::encode(OP_BINARY, &body, Some(mask_key(k)));
+            let wr = &mut writers[i];
+            let wrote = handle.block_on(async {
+                tokio::time::timeout(step, async {
+                    wr.write_all(&bytes).await?;
+                    wr.flush().await
+                })
+                .await
+            });
+            if !matches!(wrote, Ok(Ok(()))) {
+                broken[i] = true;
+                continue;
+            }
+            if sched >= warm_ns {
+                sent_measured += 1;
+                lags.push(lag);
+            } else {
+                sent_warm += 1;
+            }
         }
-        drop(senders);
-        (sent_warm, sent_measured)
+        let close = frame::close_frame(frame::CLOSE_NORMAL, "", Some(mask_key(0)));
+        for (wr, broken) in writers.iter_mut().zip(&broken) {
+            if !broken {
+                let _ = handle
+                    .block_on(async { tokio::time::timeout(step, wr.write_all(&close)).await });
+            }
+        }
+        let broken = broken.iter().filter(|b| **b).count() as u64;
+        (sent_warm, sent_measured, lags, broken)
     });
 
     let cpu_started = tokio::time::sleep_until((epoch + warm).into());
     cpu_started.await;
     let cpu = CpuMeter::start(&target.pid);
-    let (sent_warm, sent) = tokio::task::spawn_blocking(move || schedule.join())
+    let (sent_warm, sent, mut lags, broken) = tokio::task::spawn_blocking(move || schedule.join())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|_| "the schedule thread panicked".to_string())?;
     let (proxy_cpu, client_cpu) = cpu.stop();
     let mut lat = Vec::new();
-    let mut lags = Vec::new();
     let mut received = 0u64;
-    let mut broken = 0u64;
-    for (w, r) in tasks {
-        if let Ok((l, _, ok)) = w.await {
-            lags.extend(l);
-            broken += u64::from(!ok);
-        }
+    for r in readers {
         if let Ok((l, n)) = r.await {
             lat.extend(l);
             received += n;
