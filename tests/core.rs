@@ -518,3 +518,28 @@ async fn half_close_from_the_upstream_reaches_the_client() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn tls_prefers_aes128_sha256_and_resumes_sessions() {
+    let env = Env::new().await;
+    let gw = env.gateway(&[]).await;
+    let first = tls(&env.pki, gw.addr).await;
+    let conn = first.get_ref().1;
+    assert_eq!(
+        conn.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(conn.alpn_protocol(), None, "no ALPN offered by this client");
+    // Read the ticket the server sends after the handshake, then reconnect with the same client config.
+    let mut first = first;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        first.read(&mut [0u8; 1]),
+    )
+    .await;
+    let second = tls(&env.pki, gw.addr).await;
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+}
