@@ -305,14 +305,9 @@ async fn es256_ps256_and_eddsa_when_configured() {
         .await;
     for s in &signers[..3] {
         let t = s.valid("bob", 300);
-        let mut ws = connect_ws(
-            &env.pki,
-            &gw,
-            "/",
-            &[("Authorization", &format!("Bearer {t}"))],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e}", s.alg()));
+        let mut ws = connect_bearer(&env.pki, &gw, "/", &t)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", s.alg()));
         assert_eq!(next_text(&mut ws).await, "hello from echo");
     }
     // RS256 is not in the configured list.
@@ -342,14 +337,9 @@ async fn key_rotation_is_picked_up_on_an_unknown_kid() {
         .await;
     drop(gw);
     let t = next.valid("carol", 300);
-    let mut ws = connect_ws(
-        &env.pki,
-        &gw2,
-        "/",
-        &[("Authorization", &format!("Bearer {t}"))],
-    )
-    .await
-    .expect("rotated key accepted");
+    let mut ws = connect_bearer(&env.pki, &gw2, "/", &t)
+        .await
+        .expect("rotated key accepted");
     assert_eq!(next_text(&mut ws).await, "hello from echo");
     // A key added after start: the gateway refetches on the unknown kid.
     let third = Signer::es256("rotated-3");
@@ -357,14 +347,9 @@ async fn key_rotation_is_picked_up_on_an_unknown_kid() {
         .set_keys(vec![env.signer.jwk(), next.jwk(), third.jwk()]);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let t = third.valid("carol", 300);
-    let mut ws = connect_ws(
-        &env.pki,
-        &gw2,
-        "/",
-        &[("Authorization", &format!("Bearer {t}"))],
-    )
-    .await
-    .expect("new kid after refetch");
+    let mut ws = connect_bearer(&env.pki, &gw2, "/", &t)
+        .await
+        .expect("new kid after refetch");
     assert_eq!(next_text(&mut ws).await, "hello from echo");
     gw2.wait_log(&["jwks_refreshed", "unknown_kid"]).await;
 }
@@ -476,14 +461,9 @@ async fn a_session_ends_with_1008_when_its_token_expires() {
     let env = Env::new().await;
     let gw = env.gateway(&["--jwt-leeway-seconds", "0"]).await;
     let t = env.signer.valid("dave", 2);
-    let mut ws = connect_ws(
-        &env.pki,
-        &gw,
-        "/",
-        &[("Authorization", &format!("Bearer {t}"))],
-    )
-    .await
-    .expect("upgrade");
+    let mut ws = connect_bearer(&env.pki, &gw, "/", &t)
+        .await
+        .expect("upgrade");
     assert_eq!(next_text(&mut ws).await, "hello from echo");
     within(ws.send(Message::text("before expiry")))
         .await
@@ -568,14 +548,9 @@ async fn verified_tokens_are_cached_until_their_key_is_withdrawn() {
     let gw = env.gateway(&["--jwks-refetch-interval-seconds", "1"]).await;
     let token = env.token();
     for _ in 0..3 {
-        let mut ws = connect_ws(
-            &env.pki,
-            &gw,
-            "/",
-            &[("Authorization", &format!("Bearer {token}"))],
-        )
-        .await
-        .expect("ok");
+        let mut ws = connect_bearer(&env.pki, &gw, "/", &token)
+            .await
+            .expect("ok");
         assert_eq!(next_text(&mut ws).await, "hello from echo");
     }
     let (_, text) = gw.admin_get("/metrics").await;

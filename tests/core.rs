@@ -263,14 +263,9 @@ async fn wss_upstream_with_a_private_ca() {
     ]);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
-    let mut conn = connect_ws(
-        &env.pki,
-        &gw,
-        "/",
-        &[("Authorization", &format!("Bearer {}", env.token()))],
-    )
-    .await
-    .expect("upgrade");
+    let mut conn = connect_bearer(&env.pki, &gw, "/", &env.token())
+        .await
+        .expect("upgrade");
     assert_eq!(next_text(&mut conn).await, "hello from secure");
     within(conn.send(Message::text("over wss")))
         .await
@@ -282,14 +277,7 @@ async fn wss_upstream_with_a_private_ca() {
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
     assert_eq!(
-        connect_ws(
-            &env.pki,
-            &gw,
-            "/",
-            &[("Authorization", &format!("Bearer {}", env.token()))]
-        )
-        .await
-        .err(),
+        connect_bearer(&env.pki, &gw, "/", &env.token()).await.err(),
         Some(502)
     );
 }
@@ -323,14 +311,7 @@ async fn upstream_that_refuses_or_is_down_gives_502() {
         let gw = Gateway::spawn(&args, &[]);
         gw.wait_ready().await;
         assert_eq!(
-            connect_ws(
-                &env.pki,
-                &gw,
-                "/",
-                &[("Authorization", &format!("Bearer {}", env.token()))]
-            )
-            .await
-            .err(),
+            connect_bearer(&env.pki, &gw, "/", &env.token()).await.err(),
             Some(502)
         );
     }
@@ -405,14 +386,9 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     args.extend(["--ws-write-timeout-seconds".to_owned(), "1".to_owned()]);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
-    let _ws = connect_ws(
-        &env.pki,
-        &gw,
-        "/",
-        &[("Authorization", &format!("Bearer {}", env.token()))],
-    )
-    .await
-    .expect("upgrade");
+    let _ws = connect_bearer(&env.pki, &gw, "/", &env.token())
+        .await
+        .expect("upgrade");
     // The client never reads; the gateway must give up on it.
     let line = gw
         .wait_log(&["\"event\":\"session_end\"", "write_timeout"])

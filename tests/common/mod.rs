@@ -841,17 +841,23 @@ pub async fn connect_ws(
     }
 }
 
-/// A bearer-authenticated client; reads the upstream's greeting.
-pub async fn ws_ok(env: &Env, gw: &Gateway, path: &str) -> Ws {
-    let token = env.token();
-    let mut ws = connect_ws(
-        &env.pki,
+/// A client with `Authorization: Bearer <token>`; `Err(status)` when refused.
+pub async fn connect_bearer(pki: &Pki, gw: &Gateway, path: &str, token: &str) -> Result<Ws, u16> {
+    connect_ws(
+        pki,
         gw,
         path,
         &[("Authorization", &format!("Bearer {token}"))],
     )
     .await
-    .expect("upgrade accepted");
+}
+
+/// A bearer-authenticated client; reads the upstream's greeting.
+pub async fn ws_ok(env: &Env, gw: &Gateway, path: &str) -> Ws {
+    let token = env.token();
+    let mut ws = connect_bearer(&env.pki, gw, path, &token)
+        .await
+        .expect("upgrade accepted");
     let hello = next_text(&mut ws).await;
     assert!(hello.starts_with("hello from"), "{hello}");
     ws
