@@ -12,6 +12,8 @@ use crate::upgrade::{read_head, ReadHead, Response};
 
 /// Largest admin request head.
 const MAX_HEAD: usize = 8 * 1024;
+/// Admin connections served at once; more wait in the backlog, so a flood of scrapes cannot exhaust descriptors.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Extra documents served by the admin listener (the dev JWKS).
 #[derive(Debug, Clone, Default)]
@@ -22,7 +24,11 @@ pub struct Extras {
 
 /// Serves the admin endpoints until the process exits (it stays up while draining, so probes see 503).
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
         let (mut tcp, _) = match listener.accept().await {
             Ok(c) => c,
             Err(error) => {
@@ -49,6 +55,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>)
             let resp = Response::new(status, body);
             let _ = tcp.write_all(&resp.to_bytes(content_type)).await;
             let _ = tcp.shutdown().await;
+            drop(permit);
         });
     }
 }

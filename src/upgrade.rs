@@ -248,6 +248,12 @@ pub fn check_upgrade(head: &RequestHead) -> Result<(), UpgradeError> {
     if !head.has_token("Upgrade", "websocket") || !head.has_token("Connection", "upgrade") {
         return Err(UpgradeError::UpgradeRequired);
     }
+    // An upgrade carries no body; one that claims to would leave bytes whose meaning depends on who parses them.
+    let has_body = head.values("Content-Length").any(|v| v.trim() != "0")
+        || head.values("Transfer-Encoding").next().is_some();
+    if has_body {
+        return Err(UpgradeError::Malformed("upgrade request with a body"));
+    }
     match head
         .single("Sec-WebSocket-Version")
         .map_err(|_| UpgradeError::Version)?
@@ -390,6 +396,14 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             (s.replace("Version: 13", "Version: 8"), 400),
             (s.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"), 400),
             (s.replace("Host: gw\r\n", ""), 400),
+            (
+                s.replace("Host: gw\r\n", "Host: gw\r\nContent-Length: 5\r\n"),
+                400,
+            ),
+            (
+                s.replace("Host: gw\r\n", "Host: gw\r\nTransfer-Encoding: chunked\r\n"),
+                400,
+            ),
         ];
         for (raw, status) in cases {
             let err = check_upgrade(&head(raw.as_bytes())).expect_err(&raw);
