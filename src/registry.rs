@@ -18,14 +18,26 @@ pub struct CloseRequest {
     pub reason: &'static str,
 }
 
-/// The handle a session's relay watches.
-#[derive(Debug, Default)]
+/// The handle a session's relay watches, with what the registry knows about the session.
+#[derive(Debug)]
 pub struct SessionControl {
     notify: Notify,
     request: Mutex<Option<CloseRequest>>,
+    /// Who and where.
+    pub info: SessionInfo,
 }
 
 impl SessionControl {
+    /// A handle for `info`, with no close requested.
+    #[must_use]
+    pub fn new(info: SessionInfo) -> SessionControl {
+        SessionControl {
+            notify: Notify::new(),
+            request: Mutex::new(None),
+            info,
+        }
+    }
+
     /// Asks the session to close.
     pub fn close(&self, request: CloseRequest) {
         if let Ok(mut r) = self.request.lock() {
@@ -58,17 +70,12 @@ pub struct SessionInfo {
     pub started: SystemTime,
 }
 
-#[derive(Debug)]
-struct Entry {
-    info: SessionInfo,
-    control: Arc<SessionControl>,
-}
-
 /// Live sessions. Touched at session start and end only, never on the relay's hot path.
 #[derive(Debug, Default)]
 pub struct Registry {
     next: AtomicU64,
-    sessions: Mutex<HashMap<u64, Entry>>,
+    /// One pointer per session, so the map's spare capacity costs little per live session.
+    sessions: Mutex<HashMap<u64, Arc<SessionControl>>>,
 }
 
 /// Removes its session from the registry when dropped.
@@ -93,15 +100,9 @@ impl Registry {
     #[must_use]
     pub fn register(self: &Arc<Self>, info: SessionInfo) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let control = Arc::new(SessionControl::default());
+        let control = Arc::new(SessionControl::new(info));
         if let Ok(mut s) = self.sessions.lock() {
-            s.insert(
-                id,
-                Entry {
-                    info,
-                    control: Arc::clone(&control),
-                },
-            );
+            s.insert(id, Arc::clone(&control));
         }
         Registration {
             id,
@@ -125,8 +126,8 @@ impl Registry {
             return 0;
         };
         let mut n = 0;
-        for e in s.values().filter(|e| pick(&e.info)) {
-            e.control.close(request);
+        for control in s.values().filter(|c| pick(&c.info)) {
+            control.close(request);
             n += 1;
         }
         n

@@ -347,9 +347,9 @@ enum Side {
 }
 
 /// A session being relayed.
-pub struct Session<'a, C, U> {
-    client: &'a mut C,
-    upstream: &'a mut U,
+pub struct Session<C, U> {
+    client: C,
+    upstream: U,
     up: Pump,
     down: Pump,
     limits: Limits,
@@ -359,7 +359,7 @@ pub struct Session<'a, C, U> {
     timer: Pin<Box<Sleep>>,
 }
 
-impl<'a, C, U> Session<'a, C, U>
+impl<C, U> Session<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -367,8 +367,8 @@ where
     /// A session over two connected streams; `client_rest` and `upstream_rest` are bytes already read past each
     /// handshake, delivered first.
     pub fn new(
-        client: &'a mut C,
-        upstream: &'a mut U,
+        client: C,
+        upstream: U,
         client_rest: Vec<u8>,
         upstream_rest: Vec<u8>,
         limits: Limits,
@@ -389,7 +389,10 @@ where
     }
 
     /// Relays until both sides close, a timer ends the session, the drain deadline passes or `control` asks.
-    pub async fn run(mut self, mut drain: Signal, control: &SessionControl) -> Outcome {
+    ///
+    /// It borrows the session rather than consuming it, so the caller's future holds the session once: an idle
+    /// session's memory is mostly this struct and the two sockets.
+    pub async fn run(&mut self, mut drain: Signal, control: &SessionControl) -> Outcome {
         let reason = tokio::select! {
             reason = poll_fn(|cx| self.poll_transfer(cx)) => reason,
             () = drain.reached(Phase::Closing) => EndReason::Drain,
@@ -404,9 +407,9 @@ where
                 upstream,
                 down,
                 ..
-            } = &mut self;
+            } = self;
             let closing = poll_fn(|cx| {
-                down.poll_close(cx, &mut **upstream, &mut **client, &close, &mut close_sent)
+                down.poll_close(cx, &mut *upstream, &mut *client, &close, &mut close_sent)
             });
             let _ = tokio::time::timeout(grace, closing).await;
         }
@@ -427,12 +430,12 @@ where
             active,
             ..
         } = self;
-        match up.poll_copy(cx, &mut **client, &mut **upstream, active) {
+        match up.poll_copy(cx, client, upstream, active) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::ClientError),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::UpstreamError),
             _ => {}
         }
-        match down.poll_copy(cx, &mut **upstream, &mut **client, active) {
+        match down.poll_copy(cx, upstream, client, active) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::UpstreamError),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::ClientError),
             _ => {}
@@ -490,6 +493,15 @@ mod tests {
     use crate::shutdown::Drain;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
 
+    fn control() -> SessionControl {
+        SessionControl::new(crate::registry::SessionInfo {
+            subject: None,
+            token_id: None,
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+            started: std::time::SystemTime::now(),
+        })
+    }
+
     fn limits() -> Limits {
         Limits {
             idle: Duration::from_secs(60),
@@ -503,9 +515,9 @@ mod tests {
         let (mut client, mut gw_client) = duplex(64);
         let (mut gw_up, mut upstream) = duplex(64);
         let drain = Drain::new();
-        let control = SessionControl::default();
+        let control = control();
         let task = tokio::spawn(async move {
-            let s = Session::new(
+            let mut s = Session::new(
                 &mut gw_client,
                 &mut gw_up,
                 b"early".to_vec(),
@@ -556,7 +568,7 @@ mod tests {
     async fn idle_timeout_sends_going_away() {
         let (mut client, mut gw_client) = duplex(1024);
         let (mut gw_up, _upstream) = duplex(1024);
-        let control = SessionControl::default();
+        let control = control();
         let drain = Drain::new();
         let out = Session::new(
             &mut gw_client,
@@ -581,7 +593,7 @@ mod tests {
         let (mut gw_up, mut upstream) = duplex(1 << 20);
         let whole = encode(OP_BINARY, &[5u8; 1000], None);
         let task = tokio::spawn(async move {
-            let control = SessionControl::default();
+            let control = control();
             let drain = Drain::new();
             let expires = Instant::now() + Duration::from_secs(5);
             Session::new(

@@ -4,6 +4,7 @@
 //!
 //! See `src/LIFECYCLE.md` for the states and which timer guards each.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -161,7 +162,10 @@ pub struct Established<'a> {
 /// holds only what relaying needs, not the (much larger) state of TLS, token and upstream handshakes.
 pub async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, guard: ConnectionGuard) {
     gw.metrics.connections.inc();
-    if let Some(session) = Box::pin(establish(gw, tcp, peer)).await {
+    // A separate statement: a temporary in an `if let` scrutinee keeps its storage for the whole block, and the
+    // handshake future would then be reserved in every idle session's task.
+    let established = Box::pin(establish(gw, tcp, peer)).await;
+    if let Some(session) = established {
         relay(gw, session, guard).await;
     }
 }
@@ -537,17 +541,26 @@ async fn admit(
     Ok((result?, source))
 }
 
-async fn relay(gw: &Gateway, session: Established<'_>, guard: ConnectionGuard) {
+/// Sets a session up synchronously and returns the future that relays it.
+///
+/// Written as a plain function returning an `async move` block, not as an `async fn`, so the task stores each
+/// piece of state once: an `async fn` keeps its arguments and the locals moved out of them side by side, which
+/// doubled an idle session's task (2,504 bytes for this future before, measured with `size_of_val`).
+fn relay<'a>(
+    gw: &'a Gateway,
+    est: Established<'a>,
+    guard: ConnectionGuard,
+) -> impl Future<Output = ()> + 'a {
     let Established {
-        mut client,
-        mut upstream,
+        client,
+        upstream,
         client_rest,
         upstream_rest,
         peer,
         route,
         identity,
         source,
-    } = session;
+    } = est;
     let registration = gw.registry.register(SessionInfo {
         subject: identity.subject.clone(),
         token_id: identity.token_id.clone(),
@@ -562,50 +575,52 @@ async fn relay(gw: &Gateway, session: Established<'_>, guard: ConnectionGuard) {
         write: gw.config.timeouts.write,
         close_grace: gw.config.timeouts.write.min(Duration::from_secs(5)),
     };
-    gw.metrics.active_sessions.inc();
-    let started = Instant::now();
-    tracing::debug!(event = "session_start", peer = %peer, route = %route.prefix, subject = identity.subject.as_deref().unwrap_or(""),
-        token_source = source.name(), "session started");
-    let outcome = Session::new(
-        &mut client,
-        &mut upstream,
+    let mut session = Session::new(
+        client,
+        upstream,
         client_rest,
         upstream_rest,
         limits,
         Some(expires_at),
-    )
-    .run(gw.signal.clone(), &registration.control)
-    .await;
-    let duration = started.elapsed();
-    gw.metrics.active_sessions.dec();
-    gw.metrics.session_duration.observe(duration.as_secs_f64());
-    gw.metrics
-        .relay_bytes
-        .get_or_create(&[("direction", "client_to_upstream")])
-        .inc_by(outcome.client_to_upstream);
-    gw.metrics
-        .relay_bytes
-        .get_or_create(&[("direction", "upstream_to_client")])
-        .inc_by(outcome.upstream_to_client);
-    gw.metrics
-        .session_closes
-        .get_or_create(&[("reason", outcome.reason.label())])
-        .inc();
-    tracing::info!(
-        event = "session_end",
-        peer = %peer,
-        route = %route.prefix,
-        subject = identity.subject.as_deref().unwrap_or(""),
-        token_source = source.name(),
-        duration_ms = duration.as_millis() as u64,
-        bytes_client_to_upstream = outcome.client_to_upstream,
-        bytes_upstream_to_client = outcome.upstream_to_client,
-        close_reason = outcome.reason.label(),
-        close_code = outcome.reason.close().map_or(0, |c| c.code),
-        "session ended"
     );
-    drop(registration);
-    drop(guard);
+    gw.metrics.active_sessions.inc();
+    tracing::debug!(event = "session_start", peer = %peer, route = %route.prefix,
+        subject = identity.subject.as_deref().unwrap_or(""), token_source = source.name(), "session started");
+    let started = Instant::now();
+    async move {
+        let outcome = session.run(gw.signal.clone(), &registration.control).await;
+        let duration = started.elapsed();
+        gw.metrics.active_sessions.dec();
+        gw.metrics.session_duration.observe(duration.as_secs_f64());
+        gw.metrics
+            .relay_bytes
+            .get_or_create(&[("direction", "client_to_upstream")])
+            .inc_by(outcome.client_to_upstream);
+        gw.metrics
+            .relay_bytes
+            .get_or_create(&[("direction", "upstream_to_client")])
+            .inc_by(outcome.upstream_to_client);
+        gw.metrics
+            .session_closes
+            .get_or_create(&[("reason", outcome.reason.label())])
+            .inc();
+        tracing::info!(
+            event = "session_end",
+            peer = %peer,
+            route = %route.prefix,
+            subject = identity.subject.as_deref().unwrap_or(""),
+            token_source = source.name(),
+            duration_ms = duration.as_millis() as u64,
+            bytes_client_to_upstream = outcome.client_to_upstream,
+            bytes_upstream_to_client = outcome.upstream_to_client,
+            close_reason = outcome.reason.label(),
+            close_code = outcome.reason.close().map_or(0, |c| c.code),
+            "session ended"
+        );
+        drop(session);
+        drop(registration);
+        drop(guard);
+    }
 }
 
 /// Answers a refused request, counts it and logs one line; the path is logged without its query (which may carry
