@@ -561,14 +561,15 @@ fn relay<'a>(
         identity,
         source,
     } = est;
+    let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
+    let remaining = (identity.expires_at + leeway - unix_now()).max(0);
+    // The registry keeps who and where; the session's future keeps nothing else of the identity.
     let registration = gw.registry.register(SessionInfo {
-        subject: identity.subject.clone(),
-        token_id: identity.token_id.clone(),
+        subject: identity.subject,
+        token_id: identity.token_id,
         peer,
         started: SystemTime::now(),
     });
-    let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
-    let remaining = (identity.expires_at + leeway - unix_now()).max(0);
     let expires_at = Instant::now() + Duration::from_secs(u64::try_from(remaining).unwrap_or(0));
     let limits = Limits {
         idle: gw.config.timeouts.idle,
@@ -584,8 +585,9 @@ fn relay<'a>(
         Some(expires_at),
     );
     gw.metrics.active_sessions.inc();
-    tracing::debug!(event = "session_start", peer = %peer, route = %route.prefix,
-        subject = identity.subject.as_deref().unwrap_or(""), token_source = source.name(), "session started");
+    let info = &registration.control.info;
+    tracing::debug!(event = "session_start", peer = %info.peer, route = %route.prefix,
+        subject = info.subject.as_deref().unwrap_or(""), token_source = source.name(), "session started");
     let started = Instant::now();
     async move {
         let outcome = session.run(gw.signal.clone(), &registration.control).await;
@@ -604,11 +606,12 @@ fn relay<'a>(
             .session_closes
             .get_or_create(&[("reason", outcome.reason.label())])
             .inc();
+        let info = &registration.control.info;
         tracing::info!(
             event = "session_end",
-            peer = %peer,
+            peer = %info.peer,
             route = %route.prefix,
-            subject = identity.subject.as_deref().unwrap_or(""),
+            subject = info.subject.as_deref().unwrap_or(""),
             token_source = source.name(),
             duration_ms = duration.as_millis() as u64,
             bytes_client_to_upstream = outcome.client_to_upstream,
