@@ -205,6 +205,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a failed authentication by its bounded reason.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
     /// Records a refused request.
     pub fn reject(&self, status: u16) {
         self.rejections

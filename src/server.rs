@@ -427,10 +427,7 @@ async fn mqtt_session<'a>(
     let identity = match verified {
         Ok(i) => i,
         Err(e) => {
-            gw.metrics
-                .auth_failures
-                .get_or_create(&[("reason", e.kind())])
-                .inc();
+            gw.metrics.auth_failure(e.kind());
             let connack = crate::mqtt::connack_not_authorized(connect.level);
             return send_and_close(
                 &mut io,
@@ -639,10 +636,7 @@ async fn refuse<T>(
     let resp = err.response();
     gw.metrics.reject(resp.status);
     if let ConnError::Auth(a) = &err {
-        gw.metrics
-            .auth_failures
-            .get_or_create(&[("reason", a.kind())])
-            .inc();
+        gw.metrics.auth_failure(a.kind());
     }
     tracing::info!(
         event = "rejected",

@@ -256,13 +256,10 @@ async fn routes_pick_the_first_matching_prefix_and_apply_their_options() {
 async fn wss_upstream_with_a_private_ca() {
     let env = Env::new().await;
     let secure = Upstream::start("secure", Some(&env.pki)).await;
-    let mut args = env.args_upstream(&secure.url);
-    args.extend([
-        "--upstream-ca-file".to_owned(),
-        env.pki.ca_pem.to_str().expect("p").to_owned(),
-    ]);
-    let gw = Gateway::spawn(&args, &[]);
-    gw.wait_ready().await;
+    let ca = env.pki.ca_pem.to_str().expect("p");
+    let gw = env
+        .gateway_upstream(&secure.url, &["--upstream-ca-file", ca])
+        .await;
     let mut conn = connect_bearer(&env.pki, &gw, "/", &env.token())
         .await
         .expect("upgrade");
@@ -273,9 +270,7 @@ async fn wss_upstream_with_a_private_ca() {
     assert_eq!(next_text(&mut conn).await, "over wss");
 
     // Without the CA the upstream's certificate is not trusted: 502.
-    let args = env.args_upstream(&secure.url);
-    let gw = Gateway::spawn(&args, &[]);
-    gw.wait_ready().await;
+    let gw = env.gateway_upstream(&secure.url, &[]).await;
     assert_eq!(
         connect_bearer(&env.pki, &gw, "/", &env.token()).await.err(),
         Some(502)
@@ -307,9 +302,7 @@ async fn upstream_that_refuses_or_is_down_gives_502() {
         format!("ws://127.0.0.1:{port}/"),
         format!("ws://127.0.0.1:{http_port}/"),
     ] {
-        let args = env.args_upstream(&url);
-        let gw = Gateway::spawn(&args, &[]);
-        gw.wait_ready().await;
+        let gw = env.gateway_upstream(&url, &[]).await;
         assert_eq!(
             connect_bearer(&env.pki, &gw, "/", &env.token()).await.err(),
             Some(502)
@@ -382,10 +375,12 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
             });
         }
     });
-    let mut args = env.args_upstream(&format!("ws://127.0.0.1:{port}/"));
-    args.extend(["--ws-write-timeout-seconds".to_owned(), "1".to_owned()]);
-    let gw = Gateway::spawn(&args, &[]);
-    gw.wait_ready().await;
+    let gw = env
+        .gateway_upstream(
+            &format!("ws://127.0.0.1:{port}/"),
+            &["--ws-write-timeout-seconds", "1"],
+        )
+        .await;
     let _ws = connect_bearer(&env.pki, &gw, "/", &env.token())
         .await
         .expect("upgrade");
@@ -478,9 +473,9 @@ async fn half_close_from_the_upstream_reaches_the_client() {
             });
         }
     });
-    let args = env.args_upstream(&format!("ws://127.0.0.1:{port}/"));
-    let gw = Gateway::spawn(&args, &[]);
-    gw.wait_ready().await;
+    let gw = env
+        .gateway_upstream(&format!("ws://127.0.0.1:{port}/"), &[])
+        .await;
     let token = env.token();
     let mut s = tls(&env.pki, gw.addr).await;
     within(s.write_all(upgrade("/", &format!("Authorization: Bearer {token}\r\n")).as_bytes()))

@@ -732,15 +732,18 @@ impl Env {
         .collect()
     }
 
-    /// The usual flags with another fallback upstream.
-    pub fn args_upstream(&self, url: &str) -> Vec<String> {
+    /// Starts a gateway with the usual flags, another fallback upstream and `extra`, and waits for readiness.
+    pub async fn gateway_upstream(&self, url: &str, extra: &[&str]) -> Gateway {
         let mut args = self.args();
         let i = args
             .iter()
             .position(|a| a == "--upstream-ws-url")
             .expect("flag");
         args[i + 1] = url.to_owned();
-        args
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let gw = Gateway::spawn(&args, &[]);
+        gw.wait_ready().await;
+        gw
     }
 
     /// Starts a gateway with the usual flags plus `extra`, and waits for readiness.
