@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         leeway: 30,
         max_bytes: 8192,
         forward_claims: vec![],
+        required_typ: None,
     };
     let verifier = Verifier::new(policy, cache);
 

@@ -32,12 +32,60 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// Every message passes through [`redact`]: a value echoed by a parser (a DSN, a URL) loses its secrets.
     fn new(setting: &str, message: impl Into<String>) -> Self {
         ConfigError {
             setting: setting.to_owned(),
-            message: message.into(),
+            message: redact(&message.into()),
         }
     }
+}
+
+/// Hides credentials in text that may quote a setting's value: the password of a URL's userinfo
+/// (`scheme://user:***@host`), a URL's query (`?***`), and `password=` pairs of key/value DSNs.
+#[must_use]
+pub fn redact(text: &str) -> String {
+    let stop = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ',' | ')' | ']');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        out.push_str(&rest[..at + 3]);
+        rest = &rest[at + 3..];
+        let end = rest.find(stop).unwrap_or(rest.len());
+        let (url, tail) = rest.split_at(end);
+        let (authority, path) = url.split_at(url.find(['/', '?', '#']).unwrap_or(url.len()));
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                out.push_str(&format!("{user}:***@{host}"));
+            }
+            None => out.push_str(authority),
+        }
+        match path.split_once('?') {
+            Some((p, _)) => out.push_str(&format!("{p}?***")),
+            None => out.push_str(path),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    // key=value DSNs: `password=secret` or `password='secret'`.
+    let lower = out.to_ascii_lowercase();
+    let mut result = String::with_capacity(out.len());
+    let mut i = 0;
+    while let Some(found) = lower[i..].find("password=") {
+        let start = i + found + "password=".len();
+        result.push_str(&out[i..start]);
+        result.push_str("***");
+        let value = &out[start..];
+        let len = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map_or(value.len(), |e| e + 2)
+        } else {
+            value.find(stop).unwrap_or(value.len())
+        };
+        i = start + len;
+    }
+    result.push_str(&out[i..]);
+    result
 }
 
 /// A comma-separated list, given as one string (flags, environment) or as a TOML array.
@@ -281,12 +329,30 @@ pub struct Settings {
     /// Log output: json (one object per line) or text.
     #[arg(long, env = "LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
-}
 
-macro_rules! layer {
-    ($top:ident, $bottom:ident; $($field:ident),* $(,)?) => {
-        $( if $top.$field.is_none() { $top.$field = $bottom.$field; } )*
-    };
+    /// Required JOSE `typ` header (e.g. `at+jwt`), so ID tokens that carry the right audience are refused.
+    #[arg(long, env = "JWT_REQUIRED_TYP", value_name = "TYP")]
+    pub jwt_required_typ: Option<String>,
+
+    /// Peers (comma list of CIDRs) whose X-Forwarded-For and X-Forwarded-Proto are believed; from any other peer
+    /// they are replaced. Default: none.
+    #[arg(long, env = "TRUSTED_PROXIES", value_name = "CIDR,...")]
+    pub trusted_proxies: Option<CommaList>,
+
+    /// Connections still before authentication (PROXY header, TLS, request head, token) held at once, a budget
+    /// apart from MAX_CONNECTIONS so idle sockets cannot delay established sessions' peers [default: 1024].
+    #[arg(long, env = "MAX_PENDING_HANDSHAKES", value_name = "N")]
+    pub max_pending_handshakes: Option<usize>,
+
+    /// On drain, sessions receive their Close 1001 at random moments within the last SECONDS of
+    /// GRACEFUL_DRAIN_TIMEOUT_SECONDS instead of all at the deadline [default: the smaller of 5 and the drain].
+    #[arg(long, env = "DRAIN_SPREAD_SECONDS", value_name = "SECONDS")]
+    pub drain_spread_seconds: Option<u64>,
+
+    /// Listen with SO_REUSEPORT, so a new process can bind the same port while the old one drains.
+    #[arg(long, env = "REUSE_PORT", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub reuse_port: Option<bool>,
 }
 
 impl Settings {
@@ -316,19 +382,112 @@ impl Settings {
     }
 
     /// `self` (flags and environment) wins over `file` field by field.
+    ///
+    /// `file` is destructured without `..`: a setting added to [`Settings`] but not merged here does not compile.
     #[must_use]
-    pub fn merge(mut self, file: Settings) -> Settings {
-        layer!(self, file;
-            listen_addr, admin_listen_addr, tls_cert_file, tls_key_file, upstream_ws_url, route_file,
-            upstream_ca_file, upstream_dial_timeout_seconds, ws_idle_timeout_seconds, ws_write_timeout_seconds,
-            handshake_timeout_seconds, max_connections, max_request_head_bytes, graceful_drain_timeout_seconds,
-            jwks_url, jwks_ttl_minutes, jwks_refetch_interval_seconds, jwks_fetch_timeout_seconds, jwks_ca_file,
-            jwt_expected_issuer, jwt_expected_audience, jwt_valid_algorithms, jwt_leeway_seconds,
-            jwt_max_token_bytes, jwt_cookie_name, jwt_query_param, jwt_forward_claims, ws_allowed_origins,
-            ws_require_origin, mqtt_connect_auth, proxy_protocol, proxy_protocol_trusted_cidrs, redis_url,
-            postgres_dsn, log_format,
-        );
-        self
+    pub fn merge(self, file: Settings) -> Settings {
+        let Settings {
+            config: _,
+            check_config: _,
+            dev: _,
+            listen_addr,
+            admin_listen_addr,
+            tls_cert_file,
+            tls_key_file,
+            upstream_ws_url,
+            route_file,
+            upstream_ca_file,
+            upstream_dial_timeout_seconds,
+            ws_idle_timeout_seconds,
+            ws_write_timeout_seconds,
+            handshake_timeout_seconds,
+            max_connections,
+            max_request_head_bytes,
+            graceful_drain_timeout_seconds,
+            jwks_url,
+            jwks_ttl_minutes,
+            jwks_refetch_interval_seconds,
+            jwks_fetch_timeout_seconds,
+            jwks_ca_file,
+            jwt_expected_issuer,
+            jwt_expected_audience,
+            jwt_valid_algorithms,
+            jwt_leeway_seconds,
+            jwt_max_token_bytes,
+            jwt_cookie_name,
+            jwt_query_param,
+            jwt_forward_claims,
+            ws_allowed_origins,
+            ws_require_origin,
+            mqtt_connect_auth,
+            proxy_protocol,
+            proxy_protocol_trusted_cidrs,
+            redis_url,
+            postgres_dsn,
+            log_format,
+            jwt_required_typ,
+            trusted_proxies,
+            max_pending_handshakes,
+            drain_spread_seconds,
+            reuse_port,
+        } = file;
+        Settings {
+            config: self.config,
+            check_config: self.check_config,
+            dev: self.dev,
+            listen_addr: self.listen_addr.or(listen_addr),
+            admin_listen_addr: self.admin_listen_addr.or(admin_listen_addr),
+            tls_cert_file: self.tls_cert_file.or(tls_cert_file),
+            tls_key_file: self.tls_key_file.or(tls_key_file),
+            upstream_ws_url: self.upstream_ws_url.or(upstream_ws_url),
+            route_file: self.route_file.or(route_file),
+            upstream_ca_file: self.upstream_ca_file.or(upstream_ca_file),
+            upstream_dial_timeout_seconds: self
+                .upstream_dial_timeout_seconds
+                .or(upstream_dial_timeout_seconds),
+            ws_idle_timeout_seconds: self.ws_idle_timeout_seconds.or(ws_idle_timeout_seconds),
+            ws_write_timeout_seconds: self.ws_write_timeout_seconds.or(ws_write_timeout_seconds),
+            handshake_timeout_seconds: self
+                .handshake_timeout_seconds
+                .or(handshake_timeout_seconds),
+            max_connections: self.max_connections.or(max_connections),
+            max_request_head_bytes: self.max_request_head_bytes.or(max_request_head_bytes),
+            graceful_drain_timeout_seconds: self
+                .graceful_drain_timeout_seconds
+                .or(graceful_drain_timeout_seconds),
+            jwks_url: self.jwks_url.or(jwks_url),
+            jwks_ttl_minutes: self.jwks_ttl_minutes.or(jwks_ttl_minutes),
+            jwks_refetch_interval_seconds: self
+                .jwks_refetch_interval_seconds
+                .or(jwks_refetch_interval_seconds),
+            jwks_fetch_timeout_seconds: self
+                .jwks_fetch_timeout_seconds
+                .or(jwks_fetch_timeout_seconds),
+            jwks_ca_file: self.jwks_ca_file.or(jwks_ca_file),
+            jwt_expected_issuer: self.jwt_expected_issuer.or(jwt_expected_issuer),
+            jwt_expected_audience: self.jwt_expected_audience.or(jwt_expected_audience),
+            jwt_valid_algorithms: self.jwt_valid_algorithms.or(jwt_valid_algorithms),
+            jwt_leeway_seconds: self.jwt_leeway_seconds.or(jwt_leeway_seconds),
+            jwt_max_token_bytes: self.jwt_max_token_bytes.or(jwt_max_token_bytes),
+            jwt_cookie_name: self.jwt_cookie_name.or(jwt_cookie_name),
+            jwt_query_param: self.jwt_query_param.or(jwt_query_param),
+            jwt_forward_claims: self.jwt_forward_claims.or(jwt_forward_claims),
+            ws_allowed_origins: self.ws_allowed_origins.or(ws_allowed_origins),
+            ws_require_origin: self.ws_require_origin.or(ws_require_origin),
+            mqtt_connect_auth: self.mqtt_connect_auth.or(mqtt_connect_auth),
+            proxy_protocol: self.proxy_protocol.or(proxy_protocol),
+            proxy_protocol_trusted_cidrs: self
+                .proxy_protocol_trusted_cidrs
+                .or(proxy_protocol_trusted_cidrs),
+            redis_url: self.redis_url.or(redis_url),
+            postgres_dsn: self.postgres_dsn.or(postgres_dsn),
+            log_format: self.log_format.or(log_format),
+            jwt_required_typ: self.jwt_required_typ.or(jwt_required_typ),
+            trusted_proxies: self.trusted_proxies.or(trusted_proxies),
+            max_pending_handshakes: self.max_pending_handshakes.or(max_pending_handshakes),
+            drain_spread_seconds: self.drain_spread_seconds.or(drain_spread_seconds),
+            reuse_port: self.reuse_port.or(reuse_port),
+        }
     }
 
     /// Applies defaults and checks every setting, reading the files they name.
@@ -473,10 +632,7 @@ impl Settings {
 
         let seconds =
             |v: Option<u64>, default: u64, setting: &str| -> Result<Duration, ConfigError> {
-                match v.unwrap_or(default) {
-                    0 => Err(ConfigError::new(setting, "must be at least 1")),
-                    s => Ok(Duration::from_secs(s)),
-                }
+                bounded(v.unwrap_or(default), 1, MAX_SECONDS, setting).map(Duration::from_secs)
             };
         let max_connections = self.max_connections.unwrap_or(10_000);
         if max_connections == 0 {
@@ -499,6 +655,58 @@ impl Settings {
                 "must be between 256 and 65536",
             ));
         }
+
+        let drain = bounded(
+            self.graceful_drain_timeout_seconds.unwrap_or(30),
+            0,
+            MAX_SECONDS,
+            "GRACEFUL_DRAIN_TIMEOUT_SECONDS (--graceful-drain-timeout-seconds)",
+        )?;
+        let drain_spread = self.drain_spread_seconds.unwrap_or(drain.min(5));
+        if drain_spread > drain {
+            return Err(ConfigError::new(
+                "DRAIN_SPREAD_SECONDS (--drain-spread-seconds)",
+                format!(
+                    "{drain_spread} is longer than GRACEFUL_DRAIN_TIMEOUT_SECONDS ({drain}): the spread ends at the drain deadline"
+                ),
+            ));
+        }
+        let jwks_ttl_minutes = bounded(
+            self.jwks_ttl_minutes.unwrap_or(10),
+            1,
+            MAX_SECONDS / 60,
+            "JWKS_TTL_MINUTES (--jwks-ttl-minutes)",
+        )?;
+        let leeway = bounded(
+            self.jwt_leeway_seconds.unwrap_or(30),
+            0,
+            86_400,
+            "JWT_LEEWAY_SECONDS (--jwt-leeway-seconds)",
+        )?;
+        let required_typ = match self.jwt_required_typ.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.chars().all(|c| c.is_ascii_graphic()) => Some(t.to_owned()),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "JWT_REQUIRED_TYP (--jwt-required-typ)",
+                    "not a media type such as at+jwt",
+                ))
+            }
+        };
+        let forwarded_trusted = self
+            .trusted_proxies
+            .unwrap_or_default()
+            .0
+            .iter()
+            .map(|c| c.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("TRUSTED_PROXIES (--trusted-proxies)", e))?;
+        let max_pending_handshakes = bounded(
+            self.max_pending_handshakes.unwrap_or(1024) as u64,
+            1,
+            1 << 20,
+            "MAX_PENDING_HANDSHAKES (--max-pending-handshakes)",
+        )? as usize;
 
         let default_listen = if self.dev {
             "127.0.0.1:8443"
@@ -529,7 +737,7 @@ impl Settings {
                 dial: seconds(
                     self.upstream_dial_timeout_seconds,
                     5,
-                    "UPSTREAM_DIAL_TIMEOUT_SECONDS",
+                    "UPSTREAM_DIAL_TIMEOUT_SECONDS (--upstream-dial-timeout-seconds)",
                 )?,
                 idle: seconds(
                     self.ws_idle_timeout_seconds,
@@ -544,28 +752,32 @@ impl Settings {
                 handshake: seconds(
                     self.handshake_timeout_seconds,
                     10,
-                    "HANDSHAKE_TIMEOUT_SECONDS",
+                    "HANDSHAKE_TIMEOUT_SECONDS (--handshake-timeout-seconds)",
                 )?,
-                drain: Duration::from_secs(self.graceful_drain_timeout_seconds.unwrap_or(30)),
+                drain: Duration::from_secs(drain),
+                drain_spread: Duration::from_secs(drain_spread),
             },
             max_connections,
             max_request_head_bytes: max_head,
             auth: AuthSettings {
                 jwks_url,
-                jwks_ttl: Duration::from_secs(60 * self.jwks_ttl_minutes.unwrap_or(10).max(1)),
-                jwks_refetch_interval: Duration::from_secs(
-                    self.jwks_refetch_interval_seconds.unwrap_or(10),
-                ),
+                jwks_ttl: Duration::from_secs(60 * jwks_ttl_minutes),
+                jwks_refetch_interval: seconds(
+                    self.jwks_refetch_interval_seconds,
+                    10,
+                    "JWKS_REFETCH_INTERVAL_SECONDS (--jwks-refetch-interval-seconds)",
+                )?,
                 jwks_fetch_timeout: seconds(
                     self.jwks_fetch_timeout_seconds,
                     5,
-                    "JWKS_FETCH_TIMEOUT_SECONDS",
+                    "JWKS_FETCH_TIMEOUT_SECONDS (--jwks-fetch-timeout-seconds)",
                 )?,
                 jwks_ca_file: self.jwks_ca_file,
                 issuer: self.jwt_expected_issuer.filter(|s| !s.is_empty()),
                 audiences: self.jwt_expected_audience.unwrap_or_default().0,
                 algorithms,
-                leeway: Duration::from_secs(self.jwt_leeway_seconds.unwrap_or(30)),
+                leeway: Duration::from_secs(leeway),
+                required_typ,
                 max_token_bytes: max_token,
                 cookie_name,
                 query_param,
@@ -576,11 +788,29 @@ impl Settings {
             },
             proxy_protocol,
             trusted_proxies,
+            forwarded_trusted,
+            max_pending_handshakes,
+            reuse_port: self.reuse_port.unwrap_or(false),
             redis_url: self.redis_url.filter(|s| !s.is_empty()),
             postgres_dsn: self.postgres_dsn.filter(|s| !s.is_empty()),
             log_format: self.log_format.unwrap_or_default(),
             dev: self.dev,
         })
+    }
+}
+
+/// The longest any time setting may be: a week. Deadlines are `Instant`s, and a value near `u64::MAX` seconds made
+/// the first connection panic on overflow after passing `--check-config`.
+pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+
+fn bounded(v: u64, min: u64, max: u64, setting: &str) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::new(
+            setting,
+            format!("must be between {min} and {max}, got {v}"),
+        ))
     }
 }
 
@@ -641,6 +871,8 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// Graceful drain on SIGTERM.
     pub drain: Duration,
+    /// The last part of the drain over which sessions' Close frames are spread.
+    pub drain_spread: Duration,
 }
 
 /// Authentication and Origin settings.
@@ -664,6 +896,8 @@ pub struct AuthSettings {
     pub algorithms: Vec<Algorithm>,
     /// Clock-skew allowance.
     pub leeway: Duration,
+    /// Required JOSE `typ`, compared without `application/` and case.
+    pub required_typ: Option<String>,
     /// Largest token accepted.
     pub max_token_bytes: usize,
     /// Cookie carrying the token.
@@ -705,6 +939,12 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// Peers whose PROXY headers are believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Peers whose X-Forwarded-For and X-Forwarded-Proto are believed.
+    pub forwarded_trusted: Vec<Cidr>,
+    /// Connections before authentication held at once.
+    pub max_pending_handshakes: usize,
+    /// Listen with SO_REUSEPORT.
+    pub reuse_port: bool,
     /// Reserved for revocation.
     pub redis_url: Option<String>,
     /// Reserved for revocation.

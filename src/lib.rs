@@ -162,6 +162,7 @@ pub async fn run(
         metrics: Arc::clone(&metrics),
         registry: Arc::new(registry::Registry::default()),
         signal: drain.signal(),
+        sessions: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
     });
     let extras = Arc::new(admin::Extras {
         json: dev_setup

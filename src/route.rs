@@ -193,12 +193,15 @@ impl RouteTable {
         Ok(RouteTable::new(routes, fallback))
     }
 
-    /// The first route whose prefix starts `path`.
+    /// The first route whose prefix starts `path` on a segment boundary: `/feed` matches `/feed` and `/feed/x`,
+    /// not `/feedback-admin`. A prefix ending in `/` matches everything under it.
     #[must_use]
     pub fn find(&self, path: &str) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| path.starts_with(r.prefix.as_str()))
+        self.routes.iter().find(|r| {
+            path.strip_prefix(r.prefix.as_str()).is_some_and(|rest| {
+                rest.is_empty() || r.prefix.ends_with('/') || rest.starts_with('/')
+            })
+        })
     }
 
     /// Whether no route is configured at all.
@@ -249,6 +252,12 @@ mod tests {
         );
         let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", None).expect("parses");
         assert!(t.find("/other").is_none());
+        // Prefixes match whole segments only.
+        assert!(t.find("/rawfeed").is_none());
+        assert!(t.find("/raw/").is_some() && t.find("/raw/x").is_some());
+        let t = RouteTable::from_yaml("- prefix: /feed/\n  upstream: ws://a/\n", "r", None)
+            .expect("parses");
+        assert!(t.find("/feed/x").is_some() && t.find("/feedback-admin").is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -43,6 +43,8 @@ pub struct Gateway {
     pub registry: Arc<Registry>,
     /// The drain phase.
     pub signal: Signal,
+    /// Session slots (`MAX_CONNECTIONS`), taken once a connection is authenticated and held until it ends.
+    pub sessions: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -80,6 +82,9 @@ pub enum ConnError {
     /// The handshake deadline passed.
     #[error("handshake timed out")]
     HandshakeTimeout,
+    /// Every session slot (`MAX_CONNECTIONS`) is taken.
+    #[error("session limit reached")]
+    Busy,
 }
 
 impl ConnError {
@@ -92,6 +97,7 @@ impl ConnError {
             ConnError::Origin => "origin",
             ConnError::Upstream(e) => e.kind(),
             ConnError::HandshakeTimeout => "handshake_timeout",
+            ConnError::Busy => "busy",
         }
     }
 
@@ -104,14 +110,19 @@ impl ConnError {
             ConnError::Origin => Response::new(403, "origin not allowed"),
             ConnError::Upstream(_) => Response::new(502, "upstream unavailable"),
             ConnError::HandshakeTimeout => Response::new(408, "request head not received in time"),
+            ConnError::Busy => {
+                Response::new(503, "too many sessions; try again").header("Retry-After", "1")
+            }
         }
     }
 }
 
-/// Accepts connections until the drain starts: a permit is taken before `accept`, accept errors back off, and
-/// each connection runs in its own task.
+/// Accepts connections until the drain starts: a handshake permit (`MAX_PENDING_HANDSHAKES`) is taken before
+/// `accept`, accept errors back off, and each connection runs in its own task. Handshakes and sessions have
+/// separate budgets: idle unauthenticated sockets cannot hold the slots of sessions, nor sessions those of new
+/// handshakes.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
-    let permits = Arc::new(Semaphore::new(gw.config.max_connections));
+    let permits = Arc::new(Semaphore::new(gw.config.max_pending_handshakes));
     let mut signal = gw.signal.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -134,8 +145,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
         let Some(guard) = guards.guard() else { break };
         let gw = Arc::clone(&gw);
         tokio::spawn(async move {
-            handle(&gw, tcp, peer, guard).await;
-            drop(permit);
+            handle(&gw, tcp, peer, guard, permit).await;
         });
     }
     tracing::info!(
@@ -154,17 +164,25 @@ pub struct Established<'a> {
     route: &'a Route,
     identity: Identity,
     source: Source,
+    slot: OwnedSemaphorePermit,
 }
 
-/// One connection from accept to close.
+/// One connection from accept to close; the handshake permit is given back when the handshake phase ends.
 ///
 /// The handshake phase runs in its own boxed future, freed before the relay starts: a long-lived idle session then
 /// holds only what relaying needs, not the (much larger) state of TLS, token and upstream handshakes.
-pub async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, guard: ConnectionGuard) {
+pub async fn handle(
+    gw: &Gateway,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    guard: ConnectionGuard,
+    handshake: OwnedSemaphorePermit,
+) {
     gw.metrics.connections.inc();
     // A separate statement: a temporary in an `if let` scrutinee keeps its storage for the whole block, and the
     // handshake future would then be reserved in every idle session's task.
     let established = Box::pin(establish(gw, tcp, peer)).await;
+    drop(handshake);
     if let Some(session) = established {
         relay(gw, session, guard).await;
     }
@@ -264,11 +282,14 @@ async fn establish(
     let (identity, source) = match admit(gw, &head, route).await {
         Ok(ok) => ok,
         Err(ConnError::Auth(AuthError::Missing)) if mqtt_password_applies(gw, &head, route) => {
-            return Box::pin(mqtt_session(gw, io, &head, rest, peer, route)).await;
+            return Box::pin(mqtt_session(gw, io, &head, rest, peer, route, deadline)).await;
         }
         Err(e) => return refuse(gw, &mut io, peer, Some(&head), Some(route), e).await,
     };
     gw.metrics.auth_success.inc();
+    let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
+        return refuse(gw, &mut io, peer, Some(&head), Some(route), ConnError::Busy).await;
+    };
 
     let request =
         upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
@@ -306,6 +327,7 @@ async fn establish(
         route,
         identity,
         source,
+        slot,
     })
 }
 
@@ -319,6 +341,7 @@ fn forwarding<'a>(
     Forwarding {
         client_ip: peer.ip(),
         tls: io.is_tls(),
+        trusted_proxies: &gw.config.forwarded_trusted,
         identity,
         cookie_name: &gw.config.auth.cookie_name,
         query_param: &gw.config.auth.query_param,
@@ -340,7 +363,8 @@ fn mqtt_password_applies(gw: &Gateway, head: &RequestHead, route: &Route) -> boo
 }
 
 /// Completes the client's handshake, reads and verifies the CONNECT password, then dials the upstream and relays
-/// the CONNECT and everything after it unchanged. Refusals are CONNACK "not authorized" then Close 1008.
+/// the CONNECT and everything after it unchanged. Refusals are CONNACK "not authorized" then Close 1008. The
+/// CONNECT must arrive before the connection's one handshake `deadline`, not a fresh one.
 async fn mqtt_session<'a>(
     gw: &'a Gateway,
     mut io: Io,
@@ -348,6 +372,7 @@ async fn mqtt_session<'a>(
     rest: Vec<u8>,
     peer: SocketAddr,
     route: &'a Route,
+    deadline: Instant,
 ) -> Option<Established<'a>> {
     use tokio::io::AsyncWriteExt;
     let started = Instant::now();
@@ -381,8 +406,8 @@ async fn mqtt_session<'a>(
         out.extend_from_slice(&crate::frame::close_frame(code, reason, None));
         out
     };
-    let (connect, raw) = match tokio::time::timeout(
-        gw.config.timeouts.handshake,
+    let (connect, raw) = match tokio::time::timeout_at(
+        deadline,
         crate::mqtt::read_connect(&mut io, rest),
     )
     .await
@@ -443,6 +468,11 @@ async fn mqtt_session<'a>(
         }
     };
     gw.metrics.auth_success.inc();
+    let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
+        let connack = crate::mqtt::connack_unavailable(connect.level);
+        let frames = refusal(Some(connack), 1013, "try again later", "busy", "session limit".into());
+        return send_and_close(&mut io, frames).await;
+    };
     let request = upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));
     let connected = match dial(gw, route, &request).await {
         Ok(c) => c,
@@ -477,6 +507,7 @@ async fn mqtt_session<'a>(
         route,
         identity,
         source: Source::MqttPassword,
+        slot,
     })
 }
 
@@ -523,6 +554,14 @@ async fn admit(
 ) -> Result<(Identity, Source), ConnError> {
     check_upgrade(head)?;
     let auth = &gw.config.auth;
+    // An Origin that is not text is refused, not taken for a missing one (fail closed).
+    if head
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("Origin") && std::str::from_utf8(&h.value).is_err())
+    {
+        return Err(ConnError::Origin);
+    }
     match head.single("Origin").map_err(ConnError::Upgrade)? {
         Some(origin) if !auth.origins.allows(origin) => return Err(ConnError::Origin),
         None if auth.require_origin => return Err(ConnError::Origin),
@@ -557,6 +596,7 @@ fn relay<'a>(
         route,
         identity,
         source,
+        slot,
     } = est;
     let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
     let remaining = (identity.expires_at + leeway - unix_now()).max(0);
@@ -619,6 +659,7 @@ fn relay<'a>(
         );
         drop(session);
         drop(registration);
+        drop(slot);
         drop(guard);
     }
 }

@@ -200,9 +200,8 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, UpgradeErr
     if !target.starts_with('/') {
         return Err(UpgradeError::Malformed("request target must be a path"));
     }
-    if has_dot_segment(&target) {
-        return Err(UpgradeError::Malformed("dot segments in path"));
-    }
+    let path = target.split_once('?').map_or(target.as_str(), |(p, _)| p);
+    normalize_path(path)?;
     let headers = req
         .headers
         .iter()
@@ -222,12 +221,47 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, UpgradeErr
     )))
 }
 
-fn has_dot_segment(target: &str) -> bool {
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    path.split('/').any(|seg| {
-        let lower = seg.to_ascii_lowercase().replace("%2e", ".");
-        lower == "." || lower == ".."
-    })
+/// Refuses a path whose meaning depends on who decodes it, so the route the gateway picks is the path the upstream
+/// serves: dot segments (also as `..;`, `%2e`), backslashes, encoded slashes or backslashes, double encoding, NUL,
+/// and malformed escapes. The path is forwarded unchanged when it passes.
+///
+/// # Errors
+/// [`UpgradeError::Malformed`] naming the first problem found.
+pub fn normalize_path(path: &str) -> Result<(), UpgradeError> {
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => return Err(UpgradeError::Malformed("backslash in path")),
+            b'%' => {
+                let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
+                let (Some(h), Some(l)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+                    return Err(UpgradeError::Malformed("malformed percent-encoding in path"));
+                };
+                match h * 16 + l {
+                    0x2f | 0x5c => return Err(UpgradeError::Malformed("encoded slash in path")),
+                    0x00 => return Err(UpgradeError::Malformed("encoded NUL in path")),
+                    // `%25` followed by two hex digits decodes to a new escape: double encoding.
+                    0x25 if hex(bytes.get(i + 3)).is_some() && hex(bytes.get(i + 4)).is_some() => {
+                        return Err(UpgradeError::Malformed("double percent-encoding in path"))
+                    }
+                    _ => {}
+                }
+                i += 3;
+            }
+            _ => i += 1,
+        }
+    }
+    let dot_segment = path.split('/').any(|seg| {
+        // A matrix parameter (`..;x`) does not stop Tomcat-style servers from reading `..`.
+        let name = seg.split(';').next().unwrap_or(seg);
+        let decoded = name.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    });
+    if dot_segment {
+        return Err(UpgradeError::Malformed("dot segments in path"));
+    }
+    Ok(())
 }
 
 /// The checks RFC 6455 puts on a client's opening handshake, after routing.
@@ -316,11 +350,17 @@ impl Response {
             format!("{}\n", self.body)
         };
         let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        // One Connection header: a response that names its own (426's `Upgrade`) gets `close` added to it.
+        let mut connection = "close".to_owned();
         for (n, v) in &self.headers {
-            out.push_str(&format!("{n}: {v}\r\n"));
+            if n.eq_ignore_ascii_case("Connection") {
+                connection = format!("{v}, close");
+            } else {
+                out.push_str(&format!("{n}: {v}\r\n"));
+            }
         }
         out.push_str(&format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\nCache-Control: no-store\r\n\r\n{body}",
             body.len()
         ));
         out.into_bytes()
@@ -428,10 +468,51 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
     }
 
     #[test]
+    fn ambiguous_paths_are_refused() {
+        for bad in [
+            "/a/../b",
+            "/a/..;/b",
+            "/a/.;x/b",
+            "/a/%2e%2E/b",
+            "/a/.%2e",
+            "/a%2fb",
+            "/a%2Fb",
+            "/a%5cb",
+            "/a\\b",
+            "/a/%252e%252e/b",
+            "/a/%252Fb",
+            "/a%00b",
+            "/a%zz",
+            "/a%2",
+        ] {
+            assert!(
+                matches!(normalize_path(bad), Err(UpgradeError::Malformed(_))),
+                "{bad}"
+            );
+            let raw = format!("GET {bad}?x=1 HTTP/1.1\r\nHost: gw\r\n\r\n");
+            let err = parse_head(raw.as_bytes()).expect_err(bad);
+            assert_eq!(err.response().status, 400, "{bad}");
+        }
+        for good in ["/", "/mqtt", "/a/b.c/..d/...", "/a%20b", "/a/%25", "/a/%25x", "/a/;b"] {
+            assert_eq!(normalize_path(good), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
     fn bad_version_answer_names_13() {
         let bytes = String::from_utf8(UpgradeError::Version.response().to_bytes("text/plain"))
             .expect("utf8");
         assert!(bytes.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(bytes.contains("Sec-WebSocket-Version: 13\r\n"));
+    }
+
+    #[test]
+    fn upgrade_required_has_one_connection_header() {
+        let bytes =
+            String::from_utf8(UpgradeError::UpgradeRequired.response().to_bytes("text/plain"))
+                .expect("utf8");
+        assert_eq!(bytes.matches("Connection:").count(), 1, "{bytes}");
+        assert!(bytes.contains("Connection: Upgrade, close\r\n"), "{bytes}");
+        assert!(bytes.contains("Upgrade: websocket\r\n"), "{bytes}");
     }
 }

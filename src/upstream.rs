@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::auth::source::{strip_cookie, strip_query, strip_subprotocols};
+use crate::auth::source::{is_bearer, strip_cookie, strip_query, strip_subprotocols};
 use crate::auth::Identity;
 use crate::net::{dial, DialError, Io};
+use crate::proxy_protocol::Cidr;
 use crate::route::Route;
 use crate::upgrade::{accept_key, RequestHead};
 
@@ -18,7 +19,8 @@ use crate::upgrade::{accept_key, RequestHead};
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 /// Headers never forwarded as received: hop-by-hop ones, those the gateway sets itself, and identity headers a
-/// client could otherwise forge.
+/// client could otherwise forge. Names are compared after [`header_key`], so `X_Auth_Subject` (which CGI-style
+/// backends read as `X-Auth-Subject`) goes too.
 const DROPPED: &[&str] = &[
     "host",
     "connection",
@@ -47,6 +49,8 @@ pub struct Forwarding<'a> {
     pub client_ip: IpAddr,
     /// Whether the client reached the gateway over TLS.
     pub tls: bool,
+    /// Peers whose X-Forwarded-For and X-Forwarded-Proto are believed (`TRUSTED_PROXIES`).
+    pub trusted_proxies: &'a [Cidr],
     /// The verified identity.
     pub identity: &'a Identity,
     /// Cookie carrying the token, stripped.
@@ -88,26 +92,21 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         .collect();
     let mut key = String::new();
     for h in &head.headers {
-        let lower = h.name.to_ascii_lowercase();
+        let lower = header_key(&h.name);
         if DROPPED.contains(&lower.as_str())
             || (fwd.no_extensions && lower == "sec-websocket-extensions")
             || listed_in_connection.contains(&lower)
             || fwd
                 .claim_headers
                 .iter()
-                .any(|(_, name)| name.eq_ignore_ascii_case(&lower))
+                .any(|(_, name)| header_key(name) == lower)
         {
             continue;
         }
         let Ok(value) = std::str::from_utf8(&h.value) else {
             continue;
         };
-        if lower == "authorization"
-            && value
-                .trim()
-                .get(..7)
-                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
-        {
+        if lower == "authorization" && is_bearer(value) {
             continue;
         }
         if lower == "sec-websocket-key" {
@@ -137,22 +136,39 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         out.push_str(&format!("Cookie: {}\r\n", cookies.join("; ")));
     }
 
-    let ip = fwd.client_ip.to_string();
-    let prior: Vec<&str> = head.values("X-Forwarded-For").collect();
-    let xff = if prior.is_empty() {
-        ip.clone()
+    // A client's X-Forwarded-* are believed only from TRUSTED_PROXIES; from anyone else they are replaced.
+    let peer = fwd.client_ip;
+    let trusted = fwd.trusted_proxies.iter().any(|c| c.contains(peer));
+    let prior: Vec<&str> = if trusted {
+        head.values("X-Forwarded-For")
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect()
     } else {
-        format!("{}, {ip}", prior.join(", "))
+        Vec::new()
     };
-    let proto = if fwd.tls {
-        "https".to_owned()
-    } else {
-        head.values("X-Forwarded-Proto")
-            .next()
-            .map_or_else(|| "http".to_owned(), |p| p.trim().to_owned())
+    // The client is the rightmost address no trusted proxy vouches for: entries left of it could be forged.
+    let real_ip = prior
+        .iter()
+        .rev()
+        .filter_map(|a| a.parse::<IpAddr>().ok())
+        .find(|a| !fwd.trusted_proxies.iter().any(|c| c.contains(*a)))
+        .unwrap_or(peer);
+    let xff = prior
+        .iter()
+        .copied()
+        .map(str::to_owned)
+        .chain(std::iter::once(peer.to_string()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let proto = match head.values("X-Forwarded-Proto").next() {
+        _ if fwd.tls => "https",
+        Some(p) if trusted && p.trim().eq_ignore_ascii_case("https") => "https",
+        _ => "http",
     };
     out.push_str(&format!(
-        "X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\nX-Real-IP: {ip}\r\n"
+        "X-Forwarded-For: {xff}\r\nX-Forwarded-Proto: {proto}\r\nX-Real-IP: {real_ip}\r\n"
     ));
     if let Some(host) = head.values("Host").next() {
         out.push_str(&format!("X-Forwarded-Host: {}\r\n", host.trim()));
@@ -169,6 +185,11 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         key,
         offered,
     }
+}
+
+/// A header name as the upstream may read it: lower case, `_` as `-`.
+fn header_key(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
 }
 
 /// Why the upstream could not be used; every variant answers the client 502.
@@ -319,8 +340,10 @@ mod tests {
     fn request_is_rewritten_and_carries_no_token() {
         let raw = "GET /mqtt?access_token=SECRET&room=1 HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n\
 Connection: Upgrade, X-Hop\r\nX-Hop: 1\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-Authorization: Bearer SECRET\r\nSec-WebSocket-Protocol: mqtt, bearer.SECRET\r\nCookie: session=SECRET; theme=dark\r\n\
-X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
+Authorization: Bearer SECRET\r\nSec-WebSocket-Protocol: mqtt, bearer.SECRET, Bearer.SECRET\r\n\
+Cookie: session=SECRET; theme=dark; Session=SECRET\r\nAuthorization: Bearer\tSECRET\r\nAuthorization: BEARER\r\n\
+X-Auth-Subject: mallory\r\nX_Auth_Subject: mallory\r\nx_auth_email: mallory@x\r\nX-Forwarded-For: 10.0.0.1\r\n\
+X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
         let head = parse_head(raw.as_bytes()).expect("ok").expect("complete").0;
         let route = Route {
             prefix: "/mqtt".into(),
@@ -341,8 +364,9 @@ X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
             identity: &identity,
             cookie_name: "session",
             query_param: "access_token",
-            claim_headers: &[],
+            claim_headers: &[("email".into(), "X-Auth-Email".into())],
             no_extensions: false,
+            trusted_proxies: &[],
         };
         let req = build_request(&head, &route, &fwd);
         let text = String::from_utf8(req.bytes).expect("utf8");
@@ -351,15 +375,17 @@ X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
             text.starts_with("GET /mqtt?room=1 HTTP/1.1\r\nHost: broker:9001\r\n"),
             "{text}"
         );
-        assert!(!text.contains("X-Hop"), "{text}");
+        assert!(!text.contains("X-Hop") && !text.contains("BEARER"), "{text}");
         assert!(
             text.contains("X-Auth-Subject: alice\r\n") && !text.contains("mallory"),
             "{text}"
         );
+        assert!(!text.to_ascii_lowercase().contains("x_auth"), "{text}");
         assert!(text.contains("Sec-WebSocket-Protocol: mqtt\r\n"), "{text}");
         assert!(text.contains("Cookie: theme=dark\r\n"), "{text}");
+        // The client is not a trusted proxy: its X-Forwarded-For is replaced, not extended.
         assert!(
-            text.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+            text.contains("X-Forwarded-For: 192.0.2.7\r\n") && !text.contains("10.0.0.1"),
             "{text}"
         );
         assert!(
@@ -368,6 +394,33 @@ X-Auth-Subject: mallory\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: t\r\n\r\n";
         );
         assert_eq!(req.key, "dGhlIHNhbXBsZSBub25jZQ==");
         assert_eq!(req.offered, vec!["mqtt".to_owned()]);
+
+        // In plain mode an untrusted client's X-Forwarded-Proto is not believed either.
+        let plain = Forwarding { tls: false, ..fwd };
+        let text = String::from_utf8(build_request(&head, &route, &plain).bytes).expect("utf8");
+        assert!(text.contains("X-Forwarded-Proto: http\r\n"), "{text}");
+
+        // From a trusted proxy both are believed, and X-Real-IP is the rightmost untrusted address.
+        let proxies = ["192.0.2.0/24".parse().expect("cidr"), "10.9.0.0/16".parse().expect("cidr")];
+        let raw = raw.replace(
+            "X-Forwarded-For: 10.0.0.1\r\n",
+            "X-Forwarded-For: 1.2.3.4, 10.0.0.1, 10.9.0.5\r\n",
+        );
+        let head = parse_head(raw.as_bytes()).expect("ok").expect("complete").0;
+        let behind = Forwarding {
+            tls: false,
+            trusted_proxies: &proxies,
+            ..fwd
+        };
+        let text = String::from_utf8(build_request(&head, &route, &behind).bytes).expect("utf8");
+        assert!(
+            text.contains("X-Forwarded-For: 1.2.3.4, 10.0.0.1, 10.9.0.5, 192.0.2.7\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("X-Forwarded-Proto: https\r\nX-Real-IP: 10.0.0.1\r\n"),
+            "{text}"
+        );
     }
 
     #[test]

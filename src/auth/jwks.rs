@@ -447,8 +447,12 @@ pub async fn http_get(
         .map_err(|_| format!("timed out after {}s", limit.as_secs()))?
 }
 
-/// The body once the response in `buf` is complete.
-fn complete_body(buf: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
+/// The body once the response in `buf` is complete. Public for the fuzz target only.
+///
+/// # Errors
+/// Malformed head, a status other than 200, a bad length or chunk size.
+#[doc(hidden)]
+pub fn complete_body(buf: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let used = match resp.parse(buf) {
@@ -494,11 +498,18 @@ fn decode_chunked(mut body: &[u8]) -> Result<Option<Vec<u8>>, String> {
         if size == 0 {
             return Ok(Some(out));
         }
-        if body.len() < size + 2 {
+        // The size comes from the server: `size + 2` must not wrap (a `ffffffffffffffff` chunk aborted the process).
+        let Some(with_crlf) = size.checked_add(2) else {
+            return Err("bad chunk size".into());
+        };
+        if body.len() < with_crlf {
             return Ok(None);
         }
+        if &body[size..with_crlf] != b"\r\n" {
+            return Err("chunk not followed by CRLF".into());
+        }
         out.extend_from_slice(&body[..size]);
-        body = &body[size + 2..];
+        body = &body[with_crlf..];
     }
 }
 
@@ -548,6 +559,13 @@ mod tests {
             Some(&b"{\"keys\""[..])
         );
         assert_eq!(complete_body(&resp[..50], false).expect("ok"), None);
+        // A chunk size that wraps `size + 2` is an error, not a panic.
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n";
+        assert!(complete_body(huge, false).is_err());
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffe\r\n";
+        assert!(complete_body(huge, false).is_err());
+        let unterminated = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n";
+        assert!(complete_body(unterminated, false).is_err());
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
         assert_eq!(
             complete_body(resp, false).expect("ok").as_deref(),

@@ -31,6 +31,8 @@ pub struct Policy {
     pub max_bytes: usize,
     /// `(claim, header)` pairs to forward.
     pub forward_claims: Vec<(String, String)>,
+    /// Required JOSE `typ` (`JWT_REQUIRED_TYP`), e.g. `at+jwt`.
+    pub required_typ: Option<String>,
 }
 
 impl Policy {
@@ -44,6 +46,7 @@ impl Policy {
             leeway: i64::try_from(s.leeway.as_secs()).unwrap_or(i64::MAX),
             max_bytes: s.max_token_bytes,
             forward_claims: s.forward_claims.clone(),
+            required_typ: s.required_typ.clone(),
         }
     }
 }
@@ -54,6 +57,8 @@ struct JoseHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
+    #[serde(default)]
+    typ: Option<Value>,
     #[serde(default)]
     jku: Option<Value>,
     #[serde(default)]
@@ -118,6 +123,12 @@ pub fn parse<'a>(token: &'a str, policy: &Policy) -> Result<Parsed<'a>, AuthErro
     {
         return Err(AuthError::ForbiddenHeader);
     }
+    if let Some(want) = &policy.required_typ {
+        let got = header.typ.as_ref().and_then(Value::as_str).unwrap_or("");
+        if media_type(got) != media_type(want) {
+            return Err(AuthError::Type);
+        }
+    }
     let alg: Algorithm = header.alg.parse().map_err(|_| AuthError::Algorithm)?;
     if !policy.algorithms.contains(&alg) {
         return Err(AuthError::Algorithm);
@@ -129,6 +140,14 @@ pub fn parse<'a>(token: &'a str, policy: &Policy) -> Result<Parsed<'a>, AuthErro
         payload,
         signature,
     })
+}
+
+/// A `typ` value compared as RFC 7515 section 4.1.9 says: case-insensitive, `application/` optional.
+fn media_type(typ: &str) -> String {
+    let lower = typ.trim().to_ascii_lowercase();
+    lower
+        .strip_prefix("application/")
+        .map_or(lower.clone(), str::to_owned)
 }
 
 /// Checks the claims of a payload whose signature has been verified.
@@ -241,8 +260,9 @@ pub struct Verifier {
 pub const TOKEN_CACHE_CAPACITY: usize = 16_384;
 
 /// Tokens that passed full verification, keyed by the SHA-256 of the whole token, so a reconnect storm does not
-/// pay for the signature again. An entry lives until the token's `exp` (plus leeway) and only while the key that
-/// signed it is still in the JWKS.
+/// pay for the signature again. An entry lives until the token's `exp` (plus leeway) and only while the exact key
+/// that signed it is still in the JWKS: the same `kid` (or a kid-less key) with other key material is a rotation,
+/// and the token is verified again against the new key.
 #[derive(Debug, Default)]
 struct TokenCache {
     entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Cached>>,
@@ -253,6 +273,7 @@ struct Cached {
     identity: Identity,
     kid: Option<String>,
     alg: Algorithm,
+    key: Arc<Jwk>,
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -328,10 +349,10 @@ impl Verifier {
         let hash = token_hash(token);
         if let Some(hit) = self.cache.get(&hash, now, self.policy.leeway) {
             // The signing key must still be published: removing a key from the JWKS revokes its tokens.
-            let still_published = self
-                .keys
-                .current()
-                .is_some_and(|set| set.find(hit.kid.as_deref(), hit.alg).is_some());
+            let still_published = self.keys.current().is_some_and(|set| {
+                set.find(hit.kid.as_deref(), hit.alg)
+                    .is_some_and(|k| k.material == hit.key.material)
+            });
             if still_published {
                 return (Ok(hit.identity), true);
             }
@@ -372,6 +393,7 @@ impl Verifier {
             identity,
             kid: parsed.kid,
             alg: parsed.alg,
+            key,
         })
     }
 
@@ -405,6 +427,7 @@ mod tests {
                 ("email".into(), "X-Auth-Email".into()),
                 ("roles".into(), "X-Auth-Roles".into()),
             ],
+            required_typ: None,
         }
     }
 
@@ -470,6 +493,32 @@ mod tests {
                 "{token}"
             );
         }
+    }
+
+    #[test]
+    fn required_typ_refuses_other_token_types() {
+        let mut p = policy();
+        p.required_typ = Some("at+jwt".into());
+        let token = |header: &str| format!("{}.{}.{}", b64(header), b64("{}"), b64("sig"));
+        for ok in [
+            r#"{"alg":"RS256","typ":"at+jwt"}"#,
+            r#"{"alg":"RS256","typ":"application/AT+JWT"}"#,
+        ] {
+            assert!(parse(&token(ok), &p).is_ok(), "{ok}");
+        }
+        for bad in [
+            r#"{"alg":"RS256","typ":"JWT"}"#,
+            r#"{"alg":"RS256"}"#,
+            r#"{"alg":"RS256","typ":7}"#,
+        ] {
+            assert_eq!(
+                parse(&token(bad), &p).map(|_| ()),
+                Err(AuthError::Type),
+                "{bad}"
+            );
+        }
+        p.required_typ = None;
+        assert!(parse(&token(r#"{"alg":"RS256","typ":"JWT"}"#), &p).is_ok());
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub enum AuthError {
     /// No keys loaded yet (IdP not reached since start).
     #[error("signing keys not loaded yet")]
     NoKeys,
+    /// The JOSE `typ` is not `JWT_REQUIRED_TYP` (an ID token where an access token is expected).
+    #[error("wrong token type")]
+    Type,
 }
 
 impl AuthError {
@@ -151,6 +154,7 @@ impl AuthError {
             AuthError::Issuer => "issuer",
             AuthError::Audience => "audience",
             AuthError::NoKeys => "no_keys",
+            AuthError::Type => "typ",
         }
     }
 

@@ -44,18 +44,15 @@ pub fn find_token(
     query_param: &str,
 ) -> Option<(Source, String)> {
     for v in head.values("Authorization") {
-        let v = v.trim();
-        if let Some((scheme, rest)) = v.split_once(' ') {
-            if scheme.eq_ignore_ascii_case("bearer") {
-                return Some((Source::Header, rest.trim().to_owned()));
-            }
+        if let Some(token) = bearer(v) {
+            return Some((Source::Header, token.to_owned()));
         }
     }
     for entry in head
         .values("Sec-WebSocket-Protocol")
         .flat_map(|v| v.split(','))
     {
-        if let Some(t) = entry.trim().strip_prefix(SUBPROTOCOL_PREFIX) {
+        if let Some(t) = subprotocol_token(entry.trim()) {
             return Some((Source::Subprotocol, t.to_owned()));
         }
     }
@@ -71,12 +68,39 @@ pub fn find_token(
     if let Some(q) = head.query() {
         for pair in q.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if name == query_param {
+            if percent_decode(name) == query_param {
                 return Some((Source::Query, percent_decode(value)));
             }
         }
     }
     None
+}
+
+/// The token of an `Authorization` value whose scheme is `Bearer` (any case), separated by any whitespace (a tab
+/// too); `None` for other schemes.
+#[must_use]
+pub fn bearer(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let split = value.find(|c: char| c.is_ascii_whitespace())?;
+    let (scheme, rest) = value.split_at(split);
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Whether an `Authorization` value carries a bearer token in any spelling, so it never reaches the upstream.
+#[must_use]
+pub fn is_bearer(value: &str) -> bool {
+    let value = value.trim_start();
+    value
+        .get(..6)
+        .is_some_and(|s| s.eq_ignore_ascii_case("bearer"))
+}
+
+/// The token of a `bearer.<jwt>` subprotocol entry, the prefix in any case.
+fn subprotocol_token(entry: &str) -> Option<&str> {
+    entry
+        .get(..SUBPROTOCOL_PREFIX.len())
+        .filter(|p| p.eq_ignore_ascii_case(SUBPROTOCOL_PREFIX))
+        .map(|_| &entry[SUBPROTOCOL_PREFIX.len()..])
 }
 
 /// The subprotocol offer without token entries; `None` when nothing is left.
@@ -85,7 +109,7 @@ pub fn strip_subprotocols<'a>(values: impl Iterator<Item = &'a str>) -> Option<S
     let kept: Vec<&str> = values
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|p| !p.is_empty() && !p.starts_with(SUBPROTOCOL_PREFIX))
+        .filter(|p| !p.is_empty() && subprotocol_token(p).is_none())
         .collect();
     (!kept.is_empty()).then(|| kept.join(", "))
 }
@@ -97,7 +121,9 @@ pub fn strip_cookie(value: &str, cookie_name: &str) -> Option<String> {
         .split(';')
         .map(str::trim)
         .filter(|p| {
-            !p.is_empty() && p.split_once('=').map_or(p.trim(), |(n, _)| n.trim()) != cookie_name
+            let name = p.split_once('=').map_or(p.trim(), |(n, _)| n.trim());
+            // Any casing of the token cookie is a carrier too, used or not.
+            !p.is_empty() && !name.eq_ignore_ascii_case(cookie_name)
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("; "))
@@ -108,7 +134,11 @@ pub fn strip_cookie(value: &str, cookie_name: &str) -> Option<String> {
 pub fn strip_query(query: &str, param: &str) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(n, _)| n) != param)
+        .filter(|p| {
+            let name = percent_decode(p.split_once('=').map_or(*p, |(n, _)| n));
+            // `access%5Ftoken` is the same parameter to any server that decodes names.
+            !p.is_empty() && !name.eq_ignore_ascii_case(param)
+        })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
 }
@@ -170,6 +200,18 @@ mod tests {
             Some((Source::Query, "Q.".into()))
         );
         assert_eq!(find(&head("/", "Authorization: Basic abc\r\n")), None);
+        assert_eq!(
+            find(&head("/", "Authorization: Bearer\tT\r\n")),
+            Some((Source::Header, "T".into()))
+        );
+        assert_eq!(
+            find(&head("/", "Sec-WebSocket-Protocol: Bearer.S\r\n")),
+            Some((Source::Subprotocol, "S".into()))
+        );
+        assert_eq!(
+            find(&head("/?access%5Ftoken=Q", "")),
+            Some((Source::Query, "Q".into()))
+        );
     }
 
     #[test]
@@ -189,6 +231,22 @@ mod tests {
             Some("a=1&b")
         );
         assert_eq!(strip_query("access_token=T", "access_token"), None);
+        // Every carrier variant goes, used or not.
+        assert_eq!(
+            strip_subprotocols(["mqtt, Bearer.xyz, BEARER.abc"].into_iter()).as_deref(),
+            Some("mqtt")
+        );
+        assert_eq!(
+            strip_cookie("a=1; SESSION=T; Session=U", "session").as_deref(),
+            Some("a=1")
+        );
+        assert_eq!(
+            strip_query("a=1&access%5Ftoken=T&Access_Token=U&access%5ftoken", "access_token")
+                .as_deref(),
+            Some("a=1")
+        );
+        assert!(is_bearer("Bearer\tabc") && is_bearer(" bearer abc") && is_bearer("BEARER"));
+        assert!(!is_bearer("Basic abc"));
         assert_eq!(percent_decode("%4"), "%4");
         assert_eq!(percent_decode("a%zz"), "a%zz");
     }
