@@ -7,13 +7,19 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
+use crate::pending::Pending;
 use crate::server::Gateway;
 use crate::upgrade::{read_head, ReadHead, Response};
 
 /// Largest admin request head.
 const MAX_HEAD: usize = 8 * 1024;
-/// Admin connections served at once; more wait in the backlog, so a flood of scrapes cannot exhaust descriptors.
-const MAX_CONNECTIONS: usize = 64;
+/// Admin connections waiting for their request head at once; beyond it the oldest is closed, so a flood of idle
+/// sockets cannot starve the probes (200 idle sockets used to make every `/healthz` time out).
+const MAX_PENDING: usize = 64;
+/// Of those, the most from one address: a flooding peer evicts its own sockets, not the kubelet's.
+const MAX_PENDING_PER_PEER: usize = 8;
+/// Time allowed for the request head, and for writing the answer.
+const DEADLINE: Duration = Duration::from_secs(3);
 
 /// Extra documents served by the admin listener (the dev JWKS).
 #[derive(Debug, Clone, Default)]
@@ -24,12 +30,9 @@ pub struct Extras {
 
 /// Serves the admin endpoints until the process exits (it stays up while draining, so probes see 503).
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
     loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let (mut tcp, _) = match listener.accept().await {
+        let (mut tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(event = "admin_accept_failed", %error, "admin accept failed");
@@ -37,25 +40,37 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>)
                 continue;
             }
         };
+        let (ticket, evicted) = pending.admit(peer.ip());
+        if evicted > 0 {
+            gw.metrics
+                .evictions
+                .get_or_create(&[("listener", "admin")])
+                .inc_by(evicted as u64);
+        }
         let gw = Arc::clone(&gw);
         let extras = Arc::clone(&extras);
         tokio::spawn(async move {
-            let head =
-                match tokio::time::timeout(Duration::from_secs(5), read_head(&mut tcp, MAX_HEAD))
-                    .await
-                {
-                    Ok(Ok(Ok(ReadHead::Complete(head, _)))) => head,
-                    Ok(Ok(Err(e))) => {
-                        let _ = e.response().send(&mut tcp).await;
-                        return;
-                    }
-                    _ => return,
-                };
+            let read = tokio::time::timeout(DEADLINE, read_head(&mut tcp, MAX_HEAD));
+            let head = tokio::select! {
+                r = read => r,
+                () = ticket.evicted() => return,
+            };
+            drop(ticket);
+            let head = match head {
+                Ok(Ok(Ok(ReadHead::Complete(head, _)))) => head,
+                Ok(Ok(Err(e))) => {
+                    let _ = tokio::time::timeout(DEADLINE, e.response().send(&mut tcp)).await;
+                    return;
+                }
+                _ => return,
+            };
             let (status, content_type, body) = answer(&gw, &extras, &head.method, head.path());
-            let resp = Response::new(status, body);
-            let _ = tcp.write_all(&resp.to_bytes(content_type)).await;
-            let _ = tcp.shutdown().await;
-            drop(permit);
+            let bytes = Response::new(status, body).to_bytes(content_type);
+            let _ = tokio::time::timeout(DEADLINE, async {
+                tcp.write_all(&bytes).await?;
+                tcp.shutdown().await
+            })
+            .await;
         });
     }
 }

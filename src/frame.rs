@@ -30,6 +30,8 @@ pub struct FrameTracker {
     header: [u8; 14],
     /// Payload bytes left in the current frame.
     remaining: u64,
+    /// A Close frame's header has been seen.
+    saw_close: bool,
 }
 
 impl FrameTracker {
@@ -43,6 +45,12 @@ impl FrameTracker {
     #[must_use]
     pub fn at_boundary(&self) -> bool {
         self.have == 0 && self.remaining == 0
+    }
+
+    /// Whether a Close frame has begun among the bytes fed so far (it is complete once [`Self::at_boundary`]).
+    #[must_use]
+    pub fn saw_close(&self) -> bool {
+        self.saw_close
     }
 
     /// Consumes a chunk; returns the offset just after the last frame that ended inside it, if any.
@@ -69,6 +77,7 @@ impl FrameTracker {
             chunk = &chunk[take..];
             if usize::from(self.have) == header_len(&self.header[..usize::from(self.have)]) {
                 self.remaining = payload_len(&self.header[..usize::from(self.have)]);
+                self.saw_close |= self.header[0] & 0x0f == OP_CLOSE;
                 self.have = 0;
                 if self.remaining == 0 {
                     last = Some(total - chunk.len());

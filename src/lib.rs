@@ -16,7 +16,7 @@
 //! - [`mqtt`]: the token in the MQTT CONNECT password, for clients that cannot set headers;
 //! - [`registry`]: live sessions by subject and token id, closable from outside;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the handles;
-//! - [`shutdown`]: the drain phases and connection guards;
+//! - [`shutdown`]: the drain phases and connection guards; [`pending`]: connections before they earn their place;
 //! - [`net`]: the stream type and URLs; [`logging`]: JSON or text logs; [`dev`]: `--dev` mode and the echo server.
 
 #![forbid(unsafe_code)]
@@ -30,6 +30,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod net;
+pub mod pending;
 pub mod proxy_protocol;
 pub mod registry;
 pub mod relay;
@@ -108,11 +109,9 @@ pub async fn run(
         (None, true) => {
             let (ck, pem) =
                 tls::self_signed(&["localhost", "127.0.0.1"]).map_err(StartError::Dev)?;
-            let path =
-                std::env::temp_dir().join(format!("ws-gateway-dev-{}.pem", std::process::id()));
-            std::fs::write(&path, pem).map_err(|e| StartError::Dev(e.to_string()))?;
+            let file = dev::CaFile::create(&pem).map_err(StartError::Dev)?;
             if let Some(s) = dev_setup.as_mut() {
-                s.ca_file = Some(path);
+                s.ca_file = Some(file);
             }
             Some(tls::ReloadableCert::fixed(ck))
         }
@@ -163,6 +162,7 @@ pub async fn run(
         registry: Arc::new(registry::Registry::default()),
         signal: drain.signal(),
         sessions: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+        pending: pending::Pending::new(config.max_pending_handshakes, usize::MAX),
     });
     let extras = Arc::new(admin::Extras {
         json: dev_setup
@@ -207,7 +207,7 @@ pub async fn run(
     );
     let close_grace = config.timeouts.write.min(Duration::from_secs(5)) + Duration::from_secs(1);
     let exit = tokio::select! {
-        done = drain.run(config.timeouts.drain, close_grace) => if done { Exit::Drained } else { Exit::DeadlinePassed },
+        done = drain.run(config.timeouts.drain, config.timeouts.drain_spread, close_grace) => if done { Exit::Drained } else { Exit::DeadlinePassed },
         _ = sigterm.recv() => Exit::Forced,
         _ = sigint.recv() => Exit::Forced,
     };

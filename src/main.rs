@@ -39,11 +39,9 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let exit = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = ws_gateway::net::bind_listener(config.listen, config.reuse_port)
             .with_context(|| format!("binding {}", config.listen))?;
-        let admin = tokio::net::TcpListener::bind(config.admin_listen)
-            .await
+        let admin = ws_gateway::net::bind_listener(config.admin_listen, config.reuse_port)
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
         ws_gateway::run(config, listener, admin)
             .await

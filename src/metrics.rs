@@ -57,6 +57,8 @@ pub struct Metrics {
     pub session_closes: Family<Labels1, Counter>,
     /// Verified-token cache lookups by result.
     pub token_cache: Family<Labels1, Counter>,
+    /// Pending connections evicted to make room, by listener (`handshake`, `admin`).
+    pub evictions: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +92,7 @@ impl Metrics {
             cert_reloads: Family::default(),
             session_closes: Family::default(),
             token_cache: Family::default(),
+            evictions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -182,6 +185,11 @@ impl Metrics {
             "ws_token_cache",
             "Verified-token cache lookups",
             m.token_cache.clone(),
+        );
+        registry.register(
+            "ws_pending_evictions",
+            "Connections closed before authentication (or, on the admin port, before their request) to make room",
+            m.evictions.clone(),
         );
         Metrics { registry, ..m }
     }

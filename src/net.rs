@@ -202,6 +202,25 @@ impl std::fmt::Display for Url {
     }
 }
 
+/// Binds a listening socket; with `reuse_port`, `SO_REUSEPORT` lets several processes share the port (a new one
+/// starts while the old one drains). Must run inside the runtime.
+///
+/// # Errors
+/// The address cannot be bound (in use without `reuse_port` on both sides, or not local).
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Connects TCP (and TLS for a secure URL) under one deadline.
 ///
 /// # Errors

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::frame::{self, FrameTracker};
 use crate::registry::{CloseRequest, SessionControl};
-use crate::shutdown::{Phase, Signal};
+use crate::shutdown::Signal;
 
 /// Size of a relay buffer: four TLS records of plaintext, so a bulk transfer moves 64 KiB per read and per
 /// encrypt-and-write batch (measured: one-session bulk 374 → 397 MB/s against 16 KiB).
@@ -283,8 +283,9 @@ impl Pump {
         }
     }
 
-    /// Finishes the frame in flight, writes `close`, flushes and shuts down. `Ok(false)` when the source ended
-    /// mid-frame, so no valid Close frame could follow.
+    /// Finishes the frame in flight, writes `close`, flushes, and shuts the destination down when `shutdown` holds
+    /// (the client's side is shut only after the lingering read). `Ok(false)` when the source ended mid-frame, so
+    /// no valid Close frame could follow.
     fn poll_close<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -292,6 +293,7 @@ impl Pump {
         dst: &mut W,
         close: &[u8],
         sent: &mut bool,
+        shutdown: bool,
     ) -> Poll<io::Result<bool>>
     where
         R: AsyncRead + Unpin,
@@ -314,7 +316,7 @@ impl Pump {
                 Poll::Pending => return Poll::Pending,
             }
             if *sent || self.eof {
-                if Pin::new(&mut *dst).poll_shutdown(cx).is_pending() {
+                if shutdown && Pin::new(&mut *dst).poll_shutdown(cx).is_pending() {
                     return Poll::Pending;
                 }
                 self.done = true;
@@ -338,6 +340,44 @@ impl Pump {
             }
         }
     }
+}
+
+/// Reads and discards what `src` sends until `done` says to stop, EOF, or an error: the lingering half of a close.
+/// A socket closed with unread bytes in it answers them with a reset, and a client that was still sending would
+/// then read the reset instead of the Close frame.
+fn poll_discard<R: AsyncRead + Unpin>(
+    cx: &mut Context<'_>,
+    src: &mut R,
+    tracker: &mut FrameTracker,
+    done: impl Fn(&FrameTracker) -> bool,
+) -> Poll<()> {
+    loop {
+        if done(tracker) {
+            return Poll::Ready(());
+        }
+        let mut buf = take_buffer();
+        let mut rb = ReadBuf::new(&mut buf[..]);
+        let polled = Pin::new(&mut *src).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        if n > 0 {
+            tracker.feed(&buf[..n]);
+        }
+        give_buffer(buf);
+        match polled {
+            Poll::Ready(Ok(())) if n > 0 => {}
+            Poll::Ready(_) => return Poll::Ready(()),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// A fresh masking key for a frame the gateway sends upstream as a client (RFC 6455 section 5.3).
+fn mask_key() -> [u8; 4] {
+    use ring::rand::SecureRandom;
+    let mut key = [0u8; 4];
+    // A failed read of the system RNG leaves a zero key: still a valid frame, only predictable.
+    let _ = ring::rand::SystemRandom::new().fill(&mut key);
+    key
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -395,23 +435,13 @@ where
     pub async fn run(&mut self, mut drain: Signal, control: &SessionControl) -> Outcome {
         let reason = tokio::select! {
             reason = poll_fn(|cx| self.poll_transfer(cx)) => reason,
-            () = drain.reached(Phase::Closing) => EndReason::Drain,
+            () = drain.go_away() => EndReason::Drain,
             req = control.requested() => EndReason::Revoked(req.reason),
         };
         let mut close_sent = false;
         if let Some(req) = reason.close() {
-            let close = frame::close_frame(req.code, req.reason, None);
-            let grace = self.limits.close_grace;
-            let Session {
-                client,
-                upstream,
-                down,
-                ..
-            } = self;
-            let closing = poll_fn(|cx| {
-                down.poll_close(cx, &mut *upstream, &mut *client, &close, &mut close_sent)
-            });
-            let _ = tokio::time::timeout(grace, closing).await;
+            let _ = tokio::time::timeout(self.limits.close_grace, self.close(req, &mut close_sent))
+                .await;
         }
         Outcome {
             reason,
@@ -419,6 +449,56 @@ where
             upstream_to_client: self.down.bytes,
             close_sent,
         }
+    }
+
+    /// Ends the session from the gateway's side, under the caller's deadline:
+    /// 1. both directions finish the frame in flight; the client gets `req` as a Close frame, the upstream the same
+    ///    code as a masked Close, then the upstream's write side is shut;
+    /// 2. the client's bytes are read and discarded until its own Close frame (or EOF);
+    /// 3. only then the client's side is shut (TLS close_notify, FIN), and what it still sends is discarded until
+    ///    EOF, so the socket is never closed with unread bytes in it.
+    async fn close(&mut self, req: CloseRequest, close_sent: &mut bool) {
+        let to_client = frame::close_frame(req.code, req.reason, None);
+        let to_upstream = frame::close_frame(req.code, req.reason, Some(mask_key()));
+        let Session {
+            client,
+            upstream,
+            up,
+            down,
+            ..
+        } = self;
+        let (mut down_done, mut up_done, mut upstream_sent) = (false, false, false);
+        poll_fn(|cx| {
+            if !down_done {
+                let r = down.poll_close(cx, &mut *upstream, &mut *client, &to_client, close_sent, false);
+                down_done = r.is_ready();
+            }
+            if !up_done {
+                let r = up.poll_close(cx, &mut *client, &mut *upstream, &to_upstream, &mut upstream_sent, true);
+                up_done = r.is_ready();
+            }
+            if down_done && up_done {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if !*close_sent {
+            return;
+        }
+        if !up.eof && up.frames.at_boundary() {
+            let mut tracker = FrameTracker::new();
+            poll_fn(|cx| {
+                poll_discard(cx, &mut *client, &mut tracker, |t| {
+                    t.saw_close() && t.at_boundary()
+                })
+            })
+            .await;
+        }
+        let _ = poll_fn(|cx| Pin::new(&mut *client).poll_shutdown(cx)).await;
+        let mut rest = FrameTracker::new();
+        poll_fn(|cx| poll_discard(cx, &mut *client, &mut rest, |_| false)).await;
     }
 
     fn poll_transfer(&mut self, cx: &mut Context<'_>) -> Poll<EndReason> {
@@ -628,5 +708,82 @@ mod tests {
         let (close, _) = decode(&buf[used..], 125).expect("ok").expect("close");
         assert_eq!(close.opcode, frame::OP_CLOSE);
         assert_eq!(close.payload[..2], 1008u16.to_be_bytes());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_keeps_sending_reads_the_close_and_the_upstream_gets_one() {
+        let (mut client, mut gw_client) = duplex(256);
+        let (mut gw_up, mut upstream) = duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            let expires = Instant::now() + Duration::from_secs(3);
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                Some(expires),
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        // The client sends a frame every 100 ms, before, during and after the close, until told to stop.
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sender = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        let f = encode(OP_BINARY, &[7u8; 40], Some([1, 2, 3, 4]));
+                        if wr.write_all(&f).await.is_err() { return wr; }
+                    }
+                }
+            }
+            let close = frame::close_frame(1008, "", Some([1, 2, 3, 4]));
+            let _ = wr.write_all(&close).await;
+            wr
+        });
+        let mut seen = Vec::new();
+        let close = loop {
+            let mut buf = [0u8; 256];
+            let n = rd.read(&mut buf).await.expect("read");
+            assert!(n > 0, "EOF before the Close frame");
+            seen.extend_from_slice(&buf[..n]);
+            if let Some((f, _)) = decode(&seen, 125).expect("valid") {
+                break f;
+            }
+        };
+        assert_eq!(close.opcode, frame::OP_CLOSE);
+        assert_eq!(close.payload[..2], 1008u16.to_be_bytes());
+        // The gateway keeps reading while the client keeps sending: two more seconds of frames go through.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!task.is_finished(), "still lingering for the client's Close");
+        stop_tx.send(()).expect("stop");
+        let _wr = sender.await.expect("sender");
+        let mut tail = Vec::new();
+        rd.read_to_end(&mut tail).await.expect("EOF after the client's Close");
+        assert!(tail.is_empty());
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::Expired);
+        assert!(out.close_sent);
+        // The upstream got whole client frames, then a masked Close 1008, then EOF.
+        let mut up = Vec::new();
+        upstream.read_to_end(&mut up).await.expect("upstream");
+        let mut at = 0;
+        let last = loop {
+            let (f, used) = decode(&up[at..], 4096).expect("valid").expect("whole frames");
+            at += used;
+            if at == up.len() {
+                break f;
+            }
+            assert_eq!(f.opcode, OP_BINARY);
+        };
+        assert_eq!(last.opcode, frame::OP_CLOSE);
+        assert_eq!(last.payload[..2], 1008u16.to_be_bytes());
+        assert_eq!(up[at - last.payload.len() - 6] & 0x0f, frame::OP_CLOSE);
+        assert!(up[at - last.payload.len() - 5] & 0x80 != 0, "masked");
     }
 }

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::pending::{Pending, Ticket};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -45,6 +47,8 @@ pub struct Gateway {
     pub signal: Signal,
     /// Session slots (`MAX_CONNECTIONS`), taken once a connection is authenticated and held until it ends.
     pub sessions: Arc<Semaphore>,
+    /// Connections still in their handshake (`MAX_PENDING_HANDSHAKES`); the oldest is evicted when full.
+    pub pending: Arc<Pending>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -117,19 +121,16 @@ impl ConnError {
     }
 }
 
-/// Accepts connections until the drain starts: a handshake permit (`MAX_PENDING_HANDSHAKES`) is taken before
-/// `accept`, accept errors back off, and each connection runs in its own task. Handshakes and sessions have
-/// separate budgets: idle unauthenticated sockets cannot hold the slots of sessions, nor sessions those of new
-/// handshakes.
+/// Accepts connections until the drain starts; accept errors back off, and each connection runs in its own task.
+///
+/// Handshakes and sessions have separate budgets. A connection is registered in [`Gateway::pending`] at once, and
+/// when `MAX_PENDING_HANDSHAKES` are pending the oldest is closed: idle unauthenticated sockets evict each other,
+/// not the client that just connected. Sessions take a slot of `MAX_CONNECTIONS` once authenticated (503 when
+/// none is left), so neither budget can starve the other.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
-    let permits = Arc::new(Semaphore::new(gw.config.max_pending_handshakes));
     let mut signal = gw.signal.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = signal.reached(Phase::Draining) => break,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => { backoff = Duration::from_millis(5); c }
@@ -143,9 +144,16 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
             () = signal.reached(Phase::Draining) => break,
         };
         let Some(guard) = guards.guard() else { break };
+        let (ticket, evicted) = gw.pending.admit(peer.ip());
+        if evicted > 0 {
+            gw.metrics
+                .evictions
+                .get_or_create(&[("listener", "handshake")])
+                .inc_by(evicted as u64);
+        }
         let gw = Arc::clone(&gw);
         tokio::spawn(async move {
-            handle(&gw, tcp, peer, guard, permit).await;
+            handle(&gw, tcp, peer, guard, ticket).await;
         });
     }
     tracing::info!(
@@ -176,13 +184,19 @@ pub async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
     guard: ConnectionGuard,
-    handshake: OwnedSemaphorePermit,
+    ticket: Ticket,
 ) {
     gw.metrics.connections.inc();
     // A separate statement: a temporary in an `if let` scrutinee keeps its storage for the whole block, and the
     // handshake future would then be reserved in every idle session's task.
-    let established = Box::pin(establish(gw, tcp, peer)).await;
-    drop(handshake);
+    let established = tokio::select! {
+        e = Box::pin(establish(gw, tcp, peer)) => e,
+        () = ticket.evicted() => {
+            tracing::debug!(event = "handshake_evicted", peer = %peer, "oldest pending handshake closed to make room");
+            None
+        }
+    };
+    drop(ticket);
     if let Some(session) = established {
         relay(gw, session, guard).await;
     }

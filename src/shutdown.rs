@@ -4,9 +4,11 @@
 //! `Closing` (the drain deadline passed: each session sends Close 1001 at a frame boundary and ends). The
 //! [`Drain`] owner waits for every [`ConnectionGuard`] to drop, or for its deadline.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// Where the process is in its shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,6 +25,7 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Drain {
     phase: watch::Sender<Phase>,
+    window: Arc<OnceLock<(Instant, Duration)>>,
     guard_tx: Option<mpsc::Sender<()>>,
     guard_rx: mpsc::Receiver<()>,
 }
@@ -31,6 +34,8 @@ pub struct Drain {
 #[derive(Debug, Clone)]
 pub struct Signal {
     phase: watch::Receiver<Phase>,
+    /// Start and length of the window over which sessions go away, set when the drain starts.
+    window: Arc<OnceLock<(Instant, Duration)>>,
 }
 
 /// Issues [`ConnectionGuard`]s; held by the accept loop.
@@ -70,6 +75,7 @@ impl Drain {
         let (tx, rx) = mpsc::channel(1);
         Drain {
             phase,
+            window: Arc::new(OnceLock::new()),
             guard_tx: Some(tx),
             guard_rx: rx,
         }
@@ -80,6 +86,7 @@ impl Drain {
     pub fn signal(&self) -> Signal {
         Signal {
             phase: self.phase.subscribe(),
+            window: Arc::clone(&self.window),
         }
     }
 
@@ -91,9 +98,12 @@ impl Drain {
         }
     }
 
-    /// Runs the drain: `Draining` for up to `grace`, then `Closing` for up to `close_grace`.
-    /// Returns whether every connection finished.
-    pub async fn run(mut self, grace: Duration, close_grace: Duration) -> bool {
+    /// Runs the drain: `Draining` for up to `grace`, then `Closing` for up to `close_grace`. Sessions that use
+    /// [`Signal::go_away`] leave at random moments within the last `spread` of `grace`, so the other replicas see
+    /// a ramp of reconnects rather than a wall. Returns whether every connection finished.
+    pub async fn run(mut self, grace: Duration, spread: Duration, close_grace: Duration) -> bool {
+        let spread = spread.min(grace);
+        let _ = self.window.set((Instant::now() + (grace - spread), spread));
         self.phase.send_replace(Phase::Draining);
         self.guard_tx = None;
         if tokio::time::timeout(grace, self.guard_rx.recv())
@@ -121,6 +131,31 @@ impl Signal {
         // A closed channel means the owner is gone: treat as reached.
         let _ = self.phase.wait_for(|p| *p >= at).await;
     }
+
+    /// Resolves when this session should go away: at a random moment of the drain's spread window, or at
+    /// `Closing`, whichever comes first.
+    pub async fn go_away(&mut self) {
+        self.reached(Phase::Draining).await;
+        let Some(&(start, spread)) = self.window.get() else {
+            return self.reached(Phase::Closing).await;
+        };
+        // Boxed, and only once draining: an idle session's future does not carry a timer for a drain that may
+        // never come.
+        let at = Box::pin(tokio::time::sleep_until(start + spread.mul_f64(fraction())));
+        tokio::select! {
+            () = at => {}
+            () = self.reached(Phase::Closing) => {}
+        }
+    }
+}
+
+/// A uniformly random number in [0, 1).
+fn fraction() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    // Without randomness every session picks the window's start: still within the drain.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
@@ -138,10 +173,40 @@ mod tests {
         });
         assert!(
             drain
-                .run(Duration::from_secs(30), Duration::from_secs(5))
+                .run(Duration::from_secs(30), Duration::ZERO, Duration::from_secs(5))
                 .await
         );
         task.await.expect("task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_go_away_spread_over_the_window() {
+        let drain = Drain::new();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let mut signal = drain.signal();
+            let guard = drain.guards().guard().expect("running");
+            tasks.push(tokio::spawn(async move {
+                signal.go_away().await;
+                drop(guard);
+                start.elapsed()
+            }));
+        }
+        assert!(
+            drain
+                .run(Duration::from_secs(30), Duration::from_secs(10), Duration::from_secs(5))
+                .await
+        );
+        let mut at = Vec::new();
+        for t in tasks {
+            at.push(t.await.expect("task"));
+        }
+        at.sort();
+        // Nobody leaves before the window (20 s) or after the deadline (30 s), and they do not leave together.
+        assert!(at[0] >= Duration::from_secs(20), "{at:?}");
+        assert!(at[49] <= Duration::from_secs(30), "{at:?}");
+        assert!(at[49] - at[0] >= Duration::from_secs(5), "{at:?}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -151,7 +216,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert!(
             drain
-                .run(Duration::from_secs(30), Duration::from_secs(5))
+                .run(Duration::from_secs(30), Duration::from_secs(5), Duration::from_secs(5))
                 .await
         );
         assert!(started.elapsed() < Duration::from_secs(1));

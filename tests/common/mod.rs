@@ -549,8 +549,12 @@ impl Gateway {
     /// Starts the binary with `args` and `env` (the parent's environment is cleared but for PATH).
     pub fn spawn(args: &[String], env: &[(&str, String)]) -> Gateway {
         let mut cmd = Command::new(Self::bin());
-        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(args)
+        for flag in ["--listen", "--admin-listen"] {
+            if !args.iter().any(|a| a == flag) {
+                cmd.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
