@@ -144,7 +144,12 @@ pub enum LogFormat {
 #[command(
     name = "ws-gateway",
     version,
-    about = "A TLS edge for WebSocket traffic: JWT at the upgrade, Origin policy, raw relay."
+    about = "A TLS edge for WebSocket traffic: JWT at the upgrade, Origin policy, raw relay.",
+    long_about = None,
+    after_help = "Required: JWKS_URL (--jwks-url), and UPSTREAM_WS_URL (--upstream-ws-url) or ROUTE_FILE \
+(--route-file); or --dev for a local demo. Every flag can also be set by the environment variable shown, or by a \
+snake_case key in the --config TOML file (flags > environment > file > defaults). Log verbosity: RUST_LOG \
+(e.g. RUST_LOG=debug). Defaults not shown are documented in the README's configuration table."
 )]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -447,9 +452,7 @@ impl Settings {
                 .or(upstream_dial_timeout_seconds),
             ws_idle_timeout_seconds: self.ws_idle_timeout_seconds.or(ws_idle_timeout_seconds),
             ws_write_timeout_seconds: self.ws_write_timeout_seconds.or(ws_write_timeout_seconds),
-            handshake_timeout_seconds: self
-                .handshake_timeout_seconds
-                .or(handshake_timeout_seconds),
+            handshake_timeout_seconds: self.handshake_timeout_seconds.or(handshake_timeout_seconds),
             max_connections: self.max_connections.or(max_connections),
             max_request_head_bytes: self.max_request_head_bytes.or(max_request_head_bytes),
             graceful_drain_timeout_seconds: self

@@ -175,8 +175,9 @@ pub async fn run(
     tokio::spawn(Arc::clone(&cache).run());
     if let Some(cert) = &cert {
         let m = Arc::clone(&metrics);
+        let c = Arc::clone(cert);
         tokio::spawn(Arc::clone(cert).watch(Duration::from_secs(2), move |r| {
-            report_reload(&m, r, "file_change")
+            report_reload(&m, &c, r, "file_change")
         }));
     }
     tokio::spawn(server::serve(listener, Arc::clone(&gw), drain.guards()));
@@ -193,7 +194,7 @@ pub async fn run(
             _ = sigint.recv() => break,
             _ = sighup.recv() => {
                 if let Some(cert) = &cert {
-                    report_reload(&metrics, cert.reload(), "sighup");
+                    report_reload(&metrics, cert, cert.reload(), "sighup");
                 }
             }
         }
@@ -217,11 +218,27 @@ pub async fn run(
 
 fn report_reload(
     metrics: &metrics::Metrics,
+    cert: &tls::ReloadableCert,
     result: Result<bool, tls::TlsError>,
     trigger: &'static str,
 ) {
     match result {
         Ok(true) => {
+            let now = auth::jwt::unix_now();
+            let problem = match cert.leaf_validity() {
+                Some((not_before, _)) if now < not_before => Some("not_yet_valid"),
+                Some((_, not_after)) if now > not_after => Some("expired"),
+                Some(_) => None,
+                None => Some("unreadable_validity"),
+            };
+            if let Some(problem) = problem {
+                metrics
+                    .cert_warnings
+                    .get_or_create(&[("kind", problem)])
+                    .inc();
+                tracing::warn!(event = "cert_reload_warning", trigger, problem,
+                    "the reloaded certificate is served, but clients will refuse it: check its validity period");
+            }
             metrics
                 .cert_reloads
                 .get_or_create(&[("result", "ok")])

@@ -1,7 +1,10 @@
 //! The `ws-gateway` binary: flags → Config, logging, bind, run.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, Parser};
+use std::error::Error as _;
+
 use ws_gateway::{Exit, Settings};
 
 fn main() -> anyhow::Result<()> {
@@ -16,7 +19,12 @@ fn main() -> anyhow::Result<()> {
             e.exit()
         }
         Err(e) => {
-            let _ = e.print();
+            match named_error(&e) {
+                Some(line) => eprintln!("ws-gateway: invalid configuration: {line}"),
+                None => {
+                    let _ = e.print();
+                }
+            }
             std::process::exit(1);
         }
     };
@@ -56,4 +64,43 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// A bad value for a setting, in the gateway's own form: `ENV (--flag): the value "…" is not valid (why)`, saying
+/// whether it came from the environment or the command line. `None` for other clap errors (unknown flags, usage).
+fn named_error(e: &clap::Error) -> Option<String> {
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let ContextValue::String(arg) = e.get(ContextKind::InvalidArg)? else {
+        return None;
+    };
+    let flag = arg
+        .split_whitespace()
+        .next()?
+        .trim_start_matches('-')
+        .to_owned();
+    let command = Settings::command();
+    let spec = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(flag.as_str()))?;
+    let env = spec.get_env()?.to_string_lossy().into_owned();
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let on_command_line =
+        std::env::args().any(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+    let from = if on_command_line {
+        format!("--{flag}")
+    } else {
+        format!("the environment variable {env}")
+    };
+    let why = e.source().map(|s| format!(" ({s})")).unwrap_or_default();
+    Some(format!(
+        "{env} (--{flag}): the value \"{value}\" from {from} is not valid{why}"
+    ))
 }

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub token_cache: Family<Labels1, Counter>,
     /// Pending connections evicted to make room, by listener (`handshake`, `admin`).
     pub evictions: Family<Labels1, Counter>,
+    /// Reloaded certificates that clients will refuse, by kind (`expired`, `not_yet_valid`).
+    pub cert_warnings: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -93,6 +95,7 @@ impl Metrics {
             session_closes: Family::default(),
             token_cache: Family::default(),
             evictions: Family::default(),
+            cert_warnings: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -190,6 +193,11 @@ impl Metrics {
             "ws_pending_evictions",
             "Connections closed before authentication (or, on the admin port, before their request) to make room",
             m.evictions.clone(),
+        );
+        registry.register(
+            "ws_cert_reload_warnings",
+            "Reloaded certificates that are expired or not yet valid",
+            m.cert_warnings.clone(),
         );
         Metrics { registry, ..m }
     }

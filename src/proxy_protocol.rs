@@ -284,9 +284,15 @@ mod tests {
         });
         tokio::time::sleep(std::time::Duration::from_millis(600)).await;
         let used = thread_cpu_ticks() - before;
-        assert!(!reader.is_finished(), "an incomplete header is still pending");
+        assert!(
+            !reader.is_finished(),
+            "an incomplete header is still pending"
+        );
         // Spinning burns the whole 600 ms (60 ticks); waiting burns next to nothing.
-        assert!(used < 20, "read_header used {used} ticks of CPU while waiting");
+        assert!(
+            used < 20,
+            "read_header used {used} ticks of CPU while waiting"
+        );
         // The rest of the header arrives later, with the first bytes of TLS right behind it.
         client
             .write_all(b"192.0.2.1 198.51.100.1 56324 443\r\n\x16\x03")

@@ -470,11 +470,25 @@ where
         let (mut down_done, mut up_done, mut upstream_sent) = (false, false, false);
         poll_fn(|cx| {
             if !down_done {
-                let r = down.poll_close(cx, &mut *upstream, &mut *client, &to_client, close_sent, false);
+                let r = down.poll_close(
+                    cx,
+                    &mut *upstream,
+                    &mut *client,
+                    &to_client,
+                    close_sent,
+                    false,
+                );
                 down_done = r.is_ready();
             }
             if !up_done {
-                let r = up.poll_close(cx, &mut *client, &mut *upstream, &to_upstream, &mut upstream_sent, true);
+                let r = up.poll_close(
+                    cx,
+                    &mut *client,
+                    &mut *upstream,
+                    &to_upstream,
+                    &mut upstream_sent,
+                    true,
+                );
                 up_done = r.is_ready();
             }
             if down_done && up_done {
@@ -648,23 +662,35 @@ mod tests {
     async fn idle_timeout_sends_going_away() {
         let (mut client, mut gw_client) = duplex(1024);
         let (mut gw_up, _upstream) = duplex(1024);
-        let control = control();
-        let drain = Drain::new();
-        let out = Session::new(
-            &mut gw_client,
-            &mut gw_up,
-            Vec::new(),
-            Vec::new(),
-            limits(),
-            None,
-        )
-        .run(drain.signal(), &control)
-        .await;
-        assert_eq!(out.reason, EndReason::Idle);
-        let mut buf = Vec::new();
-        client.read_to_end(&mut buf).await.expect("close");
-        let (f, _) = decode(&buf, 125).expect("valid").expect("frame");
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        let mut buf = [0u8; 64];
+        let n = client.read(&mut buf).await.expect("close");
+        let (f, _) = decode(&buf[..n], 125).expect("valid").expect("frame");
+        assert_eq!(f.opcode, frame::OP_CLOSE);
         assert_eq!(f.payload[..2], 1001u16.to_be_bytes());
+        // The client answers; only then does the gateway end its side.
+        client
+            .write_all(&frame::close_frame(1001, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("answer");
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("EOF");
+        assert!(rest.is_empty());
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::Idle);
     }
 
     #[tokio::test(start_paused = true)]
@@ -712,7 +738,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_keeps_sending_reads_the_close_and_the_upstream_gets_one() {
-        let (mut client, mut gw_client) = duplex(256);
+        let (client, mut gw_client) = duplex(256);
         let (mut gw_up, mut upstream) = duplex(1 << 20);
         let task = tokio::spawn(async move {
             let control = control();
@@ -760,11 +786,16 @@ mod tests {
         assert_eq!(close.payload[..2], 1008u16.to_be_bytes());
         // The gateway keeps reading while the client keeps sending: two more seconds of frames go through.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert!(!task.is_finished(), "still lingering for the client's Close");
+        assert!(
+            !task.is_finished(),
+            "still lingering for the client's Close"
+        );
         stop_tx.send(()).expect("stop");
         let _wr = sender.await.expect("sender");
         let mut tail = Vec::new();
-        rd.read_to_end(&mut tail).await.expect("EOF after the client's Close");
+        rd.read_to_end(&mut tail)
+            .await
+            .expect("EOF after the client's Close");
         assert!(tail.is_empty());
         let out = task.await.expect("join");
         assert_eq!(out.reason, EndReason::Expired);
@@ -774,7 +805,9 @@ mod tests {
         upstream.read_to_end(&mut up).await.expect("upstream");
         let mut at = 0;
         let last = loop {
-            let (f, used) = decode(&up[at..], 4096).expect("valid").expect("whole frames");
+            let (f, used) = decode(&up[at..], 4096)
+                .expect("valid")
+                .expect("whole frames");
             at += used;
             if at == up.len() {
                 break f;

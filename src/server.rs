@@ -420,40 +420,36 @@ async fn mqtt_session<'a>(
         out.extend_from_slice(&crate::frame::close_frame(code, reason, None));
         out
     };
-    let (connect, raw) = match tokio::time::timeout_at(
-        deadline,
-        crate::mqtt::read_connect(&mut io, rest),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            return send_and_close(
-                &mut io,
-                refusal(
-                    None,
-                    1002,
-                    "expected MQTT CONNECT",
-                    "mqtt_malformed",
-                    e.to_string(),
-                ),
-            )
-            .await
-        }
-        Err(_) => {
-            return send_and_close(
-                &mut io,
-                refusal(
-                    None,
-                    1008,
-                    "no CONNECT in time",
-                    "handshake_timeout",
-                    "timeout".into(),
-                ),
-            )
-            .await
-        }
-    };
+    let (connect, raw) =
+        match tokio::time::timeout_at(deadline, crate::mqtt::read_connect(&mut io, rest)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return send_and_close(
+                    &mut io,
+                    refusal(
+                        None,
+                        1002,
+                        "expected MQTT CONNECT",
+                        "mqtt_malformed",
+                        e.to_string(),
+                    ),
+                )
+                .await
+            }
+            Err(_) => {
+                return send_and_close(
+                    &mut io,
+                    refusal(
+                        None,
+                        1008,
+                        "no CONNECT in time",
+                        "handshake_timeout",
+                        "timeout".into(),
+                    ),
+                )
+                .await
+            }
+        };
     let token = connect
         .password
         .as_deref()
@@ -484,7 +480,13 @@ async fn mqtt_session<'a>(
     gw.metrics.auth_success.inc();
     let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
         let connack = crate::mqtt::connack_unavailable(connect.level);
-        let frames = refusal(Some(connack), 1013, "try again later", "busy", "session limit".into());
+        let frames = refusal(
+            Some(connack),
+            1013,
+            "try again later",
+            "busy",
+            "session limit".into(),
+        );
         return send_and_close(&mut io, frames).await;
     };
     let request = upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));

@@ -173,7 +173,11 @@ mod tests {
         });
         assert!(
             drain
-                .run(Duration::from_secs(30), Duration::ZERO, Duration::from_secs(5))
+                .run(
+                    Duration::from_secs(30),
+                    Duration::ZERO,
+                    Duration::from_secs(5)
+                )
                 .await
         );
         task.await.expect("task");
@@ -195,7 +199,11 @@ mod tests {
         }
         assert!(
             drain
-                .run(Duration::from_secs(30), Duration::from_secs(10), Duration::from_secs(5))
+                .run(
+                    Duration::from_secs(30),
+                    Duration::from_secs(10),
+                    Duration::from_secs(5)
+                )
                 .await
         );
         let mut at = Vec::new();
@@ -216,7 +224,11 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert!(
             drain
-                .run(Duration::from_secs(30), Duration::from_secs(5), Duration::from_secs(5))
+                .run(
+                    Duration::from_secs(30),
+                    Duration::from_secs(5),
+                    Duration::from_secs(5)
+                )
                 .await
         );
         assert!(started.elapsed() < Duration::from_secs(1));

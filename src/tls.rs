@@ -92,8 +92,92 @@ pub fn certified_key(
         .load_private_key(key)
         .map_err(|e| TlsError::Pair(e.to_string()))?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match().map_err(|e| TlsError::Pair(e.to_string()))?;
+    ck.keys_match().map_err(|e| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::Pair("the private key does not match the certificate".into())
+        }
+        other => TlsError::Pair(other.to_string()),
+    })?;
     Ok(ck)
+}
+
+/// The validity period of a DER certificate, as `(notBefore, notAfter)` in seconds since the epoch; `None` when
+/// the DER is not a certificate this reader understands. Used to warn about a reloaded certificate that is
+/// expired or not yet valid; the bytes come from a file, so every length is checked.
+#[must_use]
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    /// One DER element: (tag, contents, rest).
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, mut b) = b.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n]
+                .iter()
+                .fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
+            b = &b[n..];
+            len
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (0x30, cert, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = tlv(cert)? else {
+        return None;
+    };
+    let (tag, _, mut rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        rest = tlv(rest)?.2; // the serial number follows an explicit version
+    }
+    let rest = tlv(rest)?.2; // signature algorithm
+    let rest = tlv(rest)?.2; // issuer
+    let (0x30, validity, _) = tlv(rest)? else {
+        return None;
+    };
+    let (t1, before, rest) = tlv(validity)?;
+    let (t2, after, _) = tlv(rest)?;
+    Some((asn1_time(t1, before)?, asn1_time(t2, after)?))
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`, tag 0x17) or GeneralizedTime (`YYYYMMDDHHMMSSZ`, tag 0x18) as Unix seconds.
+fn asn1_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| text.get(r)?.parse::<i64>().ok();
+    let (year, at) = match (tag, text.len()) {
+        (0x17, 12) => {
+            let yy = num(0..2)?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
+        }
+        (0x18, 14) => (num(0..4)?, 4),
+        _ => return None,
+    };
+    let (month, day) = (num(at..at + 2)?, num(at + 2..at + 4)?);
+    let (h, m, s) = (
+        num(at + 4..at + 6)?,
+        num(at + 6..at + 8)?,
+        num(at + 8..at + 10)?,
+    );
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
 }
 
 /// Reads extra trust anchors from a PEM file.
@@ -166,6 +250,13 @@ impl ReloadableCert {
             current: ArcSwap::from_pointee(ck),
             files: Some((cert.into(), key.into())),
         }))
+    }
+
+    /// The validity period of the leaf being served (see [`validity`]).
+    #[must_use]
+    pub fn leaf_validity(&self) -> Option<(i64, i64)> {
+        let ck = self.current.load();
+        validity(ck.cert.first()?.as_ref())
     }
 
     /// Reads the files again; on error the current certificate stays.
@@ -267,4 +358,36 @@ pub fn self_signed(names: &[&str]) -> Result<(CertifiedKey, String), String> {
     let key = PrivateKeyDer::try_from(signing_key.serialize_der()).map_err(|e| e.to_string())?;
     let ck = certified_key(vec![cert.der().clone()], key).map_err(|e| e.to_string())?;
     Ok((ck, pem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_of_utc_and_generalized_times() {
+        let mut params = rcgen::CertificateParams::new(vec!["gw.example".into()]).expect("params");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        // 2050 and later are GeneralizedTime.
+        params.not_after = rcgen::date_time_ymd(2055, 6, 30);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        assert_eq!(validity(cert.der()), Some((1_577_836_800, 2_697_926_400)));
+        assert_eq!(validity(b""), None);
+        assert_eq!(validity(&cert.der()[..40]), None);
+        assert_eq!(validity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn a_mismatched_key_is_named_plainly() {
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).expect("a");
+        let b = rcgen::KeyPair::generate().expect("b");
+        let key = PrivateKeyDer::try_from(b.serialize_der()).expect("der");
+        let err = certified_key(vec![a.cert.der().clone()], key).expect_err("mismatch");
+        assert!(
+            err.to_string()
+                .contains("the private key does not match the certificate"),
+            "{err}"
+        );
+    }
 }

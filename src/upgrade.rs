@@ -236,7 +236,9 @@ pub fn normalize_path(path: &str) -> Result<(), UpgradeError> {
             b'%' => {
                 let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
                 let (Some(h), Some(l)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
-                    return Err(UpgradeError::Malformed("malformed percent-encoding in path"));
+                    return Err(UpgradeError::Malformed(
+                        "malformed percent-encoding in path",
+                    ));
                 };
                 match h * 16 + l {
                     0x2f | 0x5c => return Err(UpgradeError::Malformed("encoded slash in path")),
@@ -493,7 +495,15 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             let err = parse_head(raw.as_bytes()).expect_err(bad);
             assert_eq!(err.response().status, 400, "{bad}");
         }
-        for good in ["/", "/mqtt", "/a/b.c/..d/...", "/a%20b", "/a/%25", "/a/%25x", "/a/;b"] {
+        for good in [
+            "/",
+            "/mqtt",
+            "/a/b.c/..d/...",
+            "/a%20b",
+            "/a/%25",
+            "/a/%25x",
+            "/a/;b",
+        ] {
             assert_eq!(normalize_path(good), Ok(()), "{good}");
         }
     }
@@ -508,9 +518,12 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 
     #[test]
     fn upgrade_required_has_one_connection_header() {
-        let bytes =
-            String::from_utf8(UpgradeError::UpgradeRequired.response().to_bytes("text/plain"))
-                .expect("utf8");
+        let bytes = String::from_utf8(
+            UpgradeError::UpgradeRequired
+                .response()
+                .to_bytes("text/plain"),
+        )
+        .expect("utf8");
         assert_eq!(bytes.matches("Connection:").count(), 1, "{bytes}");
         assert!(bytes.contains("Connection: Upgrade, close\r\n"), "{bytes}");
         assert!(bytes.contains("Upgrade: websocket\r\n"), "{bytes}");

@@ -375,7 +375,10 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             text.starts_with("GET /mqtt?room=1 HTTP/1.1\r\nHost: broker:9001\r\n"),
             "{text}"
         );
-        assert!(!text.contains("X-Hop") && !text.contains("BEARER"), "{text}");
+        assert!(
+            !text.contains("X-Hop") && !text.contains("BEARER"),
+            "{text}"
+        );
         assert!(
             text.contains("X-Auth-Subject: alice\r\n") && !text.contains("mallory"),
             "{text}"
@@ -401,7 +404,10 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
         assert!(text.contains("X-Forwarded-Proto: http\r\n"), "{text}");
 
         // From a trusted proxy both are believed, and X-Real-IP is the rightmost untrusted address.
-        let proxies = ["192.0.2.0/24".parse().expect("cidr"), "10.9.0.0/16".parse().expect("cidr")];
+        let proxies = [
+            "192.0.2.0/24".parse().expect("cidr"),
+            "10.9.0.0/16".parse().expect("cidr"),
+        ];
         let raw = raw.replace(
             "X-Forwarded-For: 10.0.0.1\r\n",
             "X-Forwarded-For: 1.2.3.4, 10.0.0.1, 10.9.0.5\r\n",

@@ -15,7 +15,12 @@ use ws_gateway::frame::{close_frame, decode, encode, OP_BINARY, OP_CLOSE};
 /// Upgrades over TLS with `token`, then sends a masked frame every 100 ms (and keeps sending for a second after
 /// the gateway's Close) before answering with its own Close. Returns the gateway's close code, and whether the
 /// connection then ended with a clean EOF (TLS close_notify + FIN) rather than a reset.
-async fn keep_sending_client(env: &Env, gw: &Gateway, token: &str, trigger: impl FnOnce()) -> (u16, bool) {
+async fn keep_sending_client(
+    env: &Env,
+    gw: &Gateway,
+    token: &str,
+    trigger: impl FnOnce(),
+) -> (u16, bool) {
     let mut s = tls(&env.pki, gw.addr).await;
     let req = upgrade("/", &format!("Authorization: Bearer {token}\r\n"));
     within(s.write_all(req.as_bytes())).await.expect("write");
@@ -88,7 +93,12 @@ async fn a_client_that_keeps_sending_reads_1008_at_expiry_and_a_clean_end() {
 async fn a_client_that_keeps_sending_reads_1001_at_drain() {
     let env = Env::new().await;
     let gw = env
-        .gateway(&["--graceful-drain-timeout-seconds", "1", "--drain-spread-seconds", "1"])
+        .gateway(&[
+            "--graceful-drain-timeout-seconds",
+            "1",
+            "--drain-spread-seconds",
+            "1",
+        ])
         .await;
     let token = env.token();
     let (code, clean) = keep_sending_client(&env, &gw, &token, || gw.signal("TERM")).await;
@@ -108,7 +118,11 @@ async fn idle_sockets_cannot_starve_the_admin_port() {
     for _ in 0..3 {
         let started = Instant::now();
         assert_eq!(gw.admin_get("/healthz").await.0, 200);
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
     let (_, metrics) = gw.admin_get("/metrics").await;
     assert!(
@@ -130,7 +144,11 @@ async fn idle_handshakes_evict_each_other_not_a_valid_client() {
     }
     let started = Instant::now();
     let mut ws = ws_ok(&env, &gw, "/").await;
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     ws.close(None).await.ok();
     drop(idle);
 }
@@ -156,7 +174,12 @@ X-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nAuthorization: Bearer\tSTOLEN\r\
 Sec-WebSocket-Protocol: chat, Bearer.STOLEN\r\nCookie: SESSION=STOLEN; theme=dark\r\n",
         env.token()
     );
-    let head = raw_head(&env.pki, gw.addr, &upgrade("/?access%5Ftoken=STOLEN&x=1", &extra)).await;
+    let head = raw_head(
+        &env.pki,
+        gw.addr,
+        &upgrade("/?access%5Ftoken=STOLEN&x=1", &extra),
+    )
+    .await;
     assert_eq!(status_of(&head), 101, "{head}");
     let seen = within(async {
         loop {
@@ -174,7 +197,10 @@ Sec-WebSocket-Protocol: chat, Bearer.STOLEN\r\nCookie: SESSION=STOLEN; theme=dar
     assert_eq!(seen.header("x-auth-subject"), Some("alice"), "{raw}");
     assert!(!raw.contains("6.6.6.6") && !raw.contains("root"), "{raw}");
     assert!(!raw.contains("STOLEN"), "{raw}");
-    assert!(raw.to_ascii_lowercase().contains("cookie: theme=dark"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("cookie: theme=dark"),
+        "{raw}"
+    );
 }
 
 #[tokio::test]
@@ -188,9 +214,15 @@ async fn ambiguous_paths_and_prefix_look_alikes_are_refused() {
     )
     .expect("write");
     let mut args = env.args();
-    let i = args.iter().position(|a| a == "--upstream-ws-url").expect("flag");
+    let i = args
+        .iter()
+        .position(|a| a == "--upstream-ws-url")
+        .expect("flag");
     args.drain(i..i + 2);
-    args.extend(["--route-file".to_owned(), routes.to_str().expect("p").to_owned()]);
+    args.extend([
+        "--route-file".to_owned(),
+        routes.to_str().expect("p").to_owned(),
+    ]);
     let gw = Gateway::spawn(&args, &[]);
     gw.wait_ready().await;
     let auth = format!("Authorization: Bearer {}\r\n", env.token());
@@ -216,7 +248,10 @@ async fn an_origin_that_is_not_text_is_refused() {
         .await;
     let mut req = upgrade("/", &format!("Authorization: Bearer {}\r\n", env.token())).into_bytes();
     let end = req.len() - 2;
-    req.splice(end..end, b"Origin: https://app.example\xff\r\n".iter().copied());
+    req.splice(
+        end..end,
+        b"Origin: https://app.example\xff\r\n".iter().copied(),
+    );
     let resp = raw(&env.pki, gw.addr, &req).await;
     assert_eq!(status_of(&resp), 403, "{resp}");
 }
@@ -228,10 +263,17 @@ async fn a_cached_token_does_not_outlive_a_rotation_that_reuses_its_kid() {
     let original = Signer::es256("ec-1");
     env.idp.set_keys(vec![original.jwk()]);
     let gw = env
-        .gateway(&["--jwks-refetch-interval-seconds", "1", "--jwt-valid-algorithms", "ES256"])
+        .gateway(&[
+            "--jwks-refetch-interval-seconds",
+            "1",
+            "--jwt-valid-algorithms",
+            "ES256",
+        ])
         .await;
     let token = original.valid("alice", 300);
-    let ws = connect_bearer(&env.pki, &gw, "/", &token).await.expect("101");
+    let ws = connect_bearer(&env.pki, &gw, "/", &token)
+        .await
+        .expect("101");
     drop(ws);
     // Now cached: the IdP replaces the key but keeps its kid.
     let rotated = Signer::es256("ec-1");
@@ -239,8 +281,14 @@ async fn a_cached_token_does_not_outlive_a_rotation_that_reuses_its_kid() {
     // A token with an unknown kid makes the gateway refetch (once the refetch interval has passed).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let unknown = Signer::es256("ec-2").valid("bob", 300);
-    assert_eq!(connect_bearer(&env.pki, &gw, "/", &unknown).await.err(), Some(401));
-    assert_eq!(connect_bearer(&env.pki, &gw, "/", &token).await.err(), Some(401));
+    assert_eq!(
+        connect_bearer(&env.pki, &gw, "/", &unknown).await.err(),
+        Some(401)
+    );
+    assert_eq!(
+        connect_bearer(&env.pki, &gw, "/", &token).await.err(),
+        Some(401)
+    );
     let fresh = rotated.valid("alice", 300);
     assert!(connect_bearer(&env.pki, &gw, "/", &fresh).await.is_ok());
 }
@@ -250,9 +298,18 @@ async fn id_tokens_are_refused_when_a_typ_is_required() {
     let env = Env::new().await;
     let gw = env.gateway(&["--jwt-required-typ", "at+jwt"]).await;
     let claims = claims("alice", 300);
-    let id_token = env.signer.sign(&json!({"alg": "RS256", "kid": "rsa-1", "typ": "JWT"}), &claims);
-    assert_eq!(connect_bearer(&env.pki, &gw, "/", &id_token).await.err(), Some(401));
-    let access = env.signer.sign(&json!({"alg": "RS256", "kid": "rsa-1", "typ": "at+jwt"}), &claims);
+    let id_token = env.signer.sign(
+        &json!({"alg": "RS256", "kid": "rsa-1", "typ": "JWT"}),
+        &claims,
+    );
+    assert_eq!(
+        connect_bearer(&env.pki, &gw, "/", &id_token).await.err(),
+        Some(401)
+    );
+    let access = env.signer.sign(
+        &json!({"alg": "RS256", "kid": "rsa-1", "typ": "at+jwt"}),
+        &claims,
+    );
     assert!(connect_bearer(&env.pki, &gw, "/", &access).await.is_ok());
 }
 

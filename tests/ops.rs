@@ -184,7 +184,12 @@ async fn every_log_line_is_json_with_the_fields_and_no_secret() {
 async fn sigterm_drains_then_sends_1001_and_exits_0() {
     let env = Env::new().await;
     let mut gw = env
-        .gateway(&["--graceful-drain-timeout-seconds", "2"])
+        .gateway(&[
+            "--graceful-drain-timeout-seconds",
+            "2",
+            "--drain-spread-seconds",
+            "0",
+        ])
         .await;
     let mut ws = ws_ok(&env, &gw, "/").await;
     let signalled = Instant::now();

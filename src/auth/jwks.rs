@@ -373,8 +373,13 @@ impl JwksCache {
             }
             Err(error) => {
                 let have = self.current.load().as_ref().map_or(0, |s| s.len());
+                let message = if have == 0 {
+                    "JWKS fetch failed; no keys yet, so upgrades get 503 until a fetch succeeds"
+                } else {
+                    "JWKS fetch failed; keeping the last good keys"
+                };
                 tracing::warn!(event = "jwks_refresh_failed", trigger, url = %self.url, %error, keys_in_use = have,
-                    "JWKS fetch failed; keeping the last good keys");
+                    "{message}");
                 self.metrics.jwks_refresh(false, trigger);
                 false
             }
@@ -560,11 +565,13 @@ mod tests {
         );
         assert_eq!(complete_body(&resp[..50], false).expect("ok"), None);
         // A chunk size that wraps `size + 2` is an error, not a panic.
-        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n";
+        let huge =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n";
         assert!(complete_body(huge, false).is_err());
         let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffe\r\n";
         assert!(complete_body(huge, false).is_err());
-        let unterminated = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n";
+        let unterminated =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n";
         assert!(complete_body(unterminated, false).is_err());
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
         assert_eq!(

@@ -241,8 +241,11 @@ mod tests {
             Some("a=1")
         );
         assert_eq!(
-            strip_query("a=1&access%5Ftoken=T&Access_Token=U&access%5ftoken", "access_token")
-                .as_deref(),
+            strip_query(
+                "a=1&access%5Ftoken=T&Access_Token=U&access%5ftoken",
+                "access_token"
+            )
+            .as_deref(),
             Some("a=1")
         );
         assert!(is_bearer("Bearer\tabc") && is_bearer(" bearer abc") && is_bearer("BEARER"));
