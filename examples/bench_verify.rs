@@ -75,10 +75,11 @@ async fn main() -> anyhow::Result<()> {
     let url = ws_gateway::net::Url::parse_http("http://127.0.0.1:1/unused")
         .map_err(anyhow::Error::msg)?;
     let tls = ws_gateway::tls::client_config(None).map_err(anyhow::Error::msg)?;
+    let client = ws_gateway::auth::idp::IdpClient::new(&tls, Duration::from_secs(1))
+        .map_err(anyhow::Error::msg)?;
     let cache = Arc::new(JwksCache::new(
-        url,
-        tls,
-        Duration::from_secs(1),
+        ws_gateway::auth::jwks::KeySource::Jwks(url),
+        client,
         Duration::from_secs(600),
         Duration::from_secs(10),
         metrics,

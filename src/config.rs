@@ -252,6 +252,11 @@ pub struct Settings {
     #[arg(long, env = "JWKS_URL", value_name = "URL")]
     pub jwks_url: Option<String>,
 
+    /// OpenID Connect issuer: when JWKS_URL is not set, the JWKS URL is the `jwks_uri` of
+    /// `{issuer}/.well-known/openid-configuration`, and JWT_EXPECTED_ISSUER defaults to it.
+    #[arg(long, env = "OIDC_ISSUER_URL", value_name = "URL")]
+    pub oidc_issuer_url: Option<String>,
+
     /// How often the JWKS is refreshed in the background.
     #[arg(long, env = "JWKS_TTL_MINUTES", value_name = "MINUTES")]
     pub jwks_ttl_minutes: Option<u64>,
@@ -410,6 +415,7 @@ impl Settings {
             max_request_head_bytes,
             graceful_drain_timeout_seconds,
             jwks_url,
+            oidc_issuer_url,
             jwks_ttl_minutes,
             jwks_refetch_interval_seconds,
             jwks_fetch_timeout_seconds,
@@ -459,6 +465,7 @@ impl Settings {
                 .graceful_drain_timeout_seconds
                 .or(graceful_drain_timeout_seconds),
             jwks_url: self.jwks_url.or(jwks_url),
+            oidc_issuer_url: self.oidc_issuer_url.or(oidc_issuer_url),
             jwks_ttl_minutes: self.jwks_ttl_minutes.or(jwks_ttl_minutes),
             jwks_refetch_interval_seconds: self
                 .jwks_refetch_interval_seconds
@@ -553,12 +560,21 @@ impl Settings {
                     crate::net::Url::parse_http(u)
                         .map_err(|e| ConfigError::new("JWKS_URL (--jwks-url)", e))?,
                 ),
-                None if self.dev => None,
+                None if self.dev || self.oidc_issuer_url.as_deref().is_some_and(|s| !s.is_empty()) => None,
                 None => return Err(ConfigError::new(
                     "JWKS_URL (--jwks-url)",
-                    "required: every upgrade is authenticated against the identity provider's JWKS",
+                    "required (or OIDC_ISSUER_URL): every upgrade is authenticated against the identity provider's JWKS",
                 )),
             };
+        let oidc_issuer = self
+            .oidc_issuer_url
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|u| {
+                crate::net::Url::parse_http(u)
+                    .map_err(|e| ConfigError::new("OIDC_ISSUER_URL (--oidc-issuer-url)", e))
+            })
+            .transpose()?;
 
         let algorithms = match self.jwt_valid_algorithms {
             Some(list) if !list.0.is_empty() => list
@@ -776,7 +792,11 @@ impl Settings {
                     "JWKS_FETCH_TIMEOUT_SECONDS (--jwks-fetch-timeout-seconds)",
                 )?,
                 jwks_ca_file: self.jwks_ca_file,
-                issuer: self.jwt_expected_issuer.filter(|s| !s.is_empty()),
+                issuer: self
+                    .jwt_expected_issuer
+                    .filter(|s| !s.is_empty())
+                    .or_else(|| self.oidc_issuer_url.clone().filter(|s| !s.is_empty())),
+                oidc_issuer,
                 audiences: self.jwt_expected_audience.unwrap_or_default().0,
                 algorithms,
                 leeway: Duration::from_secs(leeway),
@@ -883,6 +903,8 @@ pub struct Timeouts {
 pub struct AuthSettings {
     /// The JWKS endpoint; `None` only in `--dev`, where the gateway serves its own.
     pub jwks_url: Option<crate::net::HttpUrl>,
+    /// OIDC issuer whose discovery document names the JWKS, when `jwks_url` is not set.
+    pub oidc_issuer: Option<crate::net::HttpUrl>,
     /// Background refresh period.
     pub jwks_ttl: Duration,
     /// Least time between unknown-`kid` refetches.

@@ -127,13 +127,16 @@ pub async fn run(
         tls::client_config(config.upstream_ca_file.as_deref()).map_err(StartError::Tls)?;
     let jwks_tls =
         tls::client_config(config.auth.jwks_ca_file.as_deref()).map_err(StartError::Tls)?;
-    let Some(jwks_url) = config.auth.jwks_url.clone() else {
-        return Err(StartError::Dev("no JWKS_URL".into()));
+    let source = match (&config.auth.jwks_url, &config.auth.oidc_issuer) {
+        (Some(url), _) => auth::jwks::KeySource::Jwks(url.clone()),
+        (None, Some(issuer)) => auth::jwks::KeySource::Issuer(issuer.clone()),
+        (None, None) => return Err(StartError::Dev("no JWKS_URL or OIDC_ISSUER_URL".into())),
     };
+    let client = auth::idp::IdpClient::new(&jwks_tls, config.auth.jwks_fetch_timeout)
+        .map_err(StartError::Tls)?;
     let cache = Arc::new(auth::jwks::JwksCache::new(
-        jwks_url,
-        jwks_tls,
-        config.auth.jwks_fetch_timeout,
+        source,
+        client,
         config.auth.jwks_ttl,
         config.auth.jwks_refetch_interval,
         Arc::clone(&metrics),

@@ -195,6 +195,17 @@ impl Url {
     }
 }
 
+impl Url {
+    /// The whole URL, query included, for making the request (never for a log line: see `Display`).
+    #[must_use]
+    pub fn request_url(&self) -> String {
+        format!(
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_and_query
+        )
+    }
+}
+
 impl std::fmt::Display for Url {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The query may carry credentials; never print it.

@@ -1,8 +1,8 @@
 //! The JWKS cache: fetched at start, refreshed every TTL, refetched (at most once per interval, one fetch shared by
 //! every waiting request) when a token names an unknown `kid`. A failed refresh keeps the last good keys.
 //!
-//! The fetch is a minimal HTTP/1.1 GET over the gateway's own dialer: TLS verified for `https`, a size cap and a
-//! deadline on the whole exchange.
+//! Keys come from `JWKS_URL`, or from the `jwks_uri` that OpenID Connect discovery finds under `OIDC_ISSUER_URL`;
+//! the fetches go through [`super::idp::IdpClient`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,12 +13,21 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::idp::IdpClient;
 use super::Algorithm;
 use crate::metrics::Metrics;
-use crate::net::{dial, Url};
+use crate::net::Url;
+
+/// Where the keys are published.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// `JWKS_URL`.
+    Jwks(Url),
+    /// `OIDC_ISSUER_URL`: the `jwks_uri` of its discovery document.
+    Issuer(Url),
+}
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -257,9 +266,10 @@ impl KeySet {
 /// Where keys come from and how often.
 #[derive(Debug)]
 pub struct JwksCache {
-    url: Url,
-    tls: Arc<rustls::ClientConfig>,
-    timeout: Duration,
+    source: KeySource,
+    /// The JWKS URL: `JWKS_URL`, or what discovery found (kept once found).
+    url: Mutex<Option<Url>>,
+    client: IdpClient,
     ttl: Duration,
     refetch_interval: Duration,
     current: ArcSwapOption<KeySet>,
@@ -273,17 +283,20 @@ impl JwksCache {
     /// A cache for `url`, empty until the first fetch.
     #[must_use]
     pub fn new(
-        url: Url,
-        tls: Arc<rustls::ClientConfig>,
-        timeout: Duration,
+        source: KeySource,
+        client: IdpClient,
         ttl: Duration,
         refetch_interval: Duration,
         metrics: Arc<Metrics>,
     ) -> JwksCache {
+        let url = match &source {
+            KeySource::Jwks(u) => Some(u.clone()),
+            KeySource::Issuer(_) => None,
+        };
         JwksCache {
-            url,
-            tls,
-            timeout,
+            source,
+            url: Mutex::new(url),
+            client,
             ttl,
             refetch_interval,
             current: ArcSwapOption::empty(),
@@ -360,13 +373,19 @@ impl JwksCache {
         if let Ok(mut g) = self.last_attempt.lock() {
             *g = Some(Instant::now());
         }
-        let result = match http_get(&self.url, &self.tls, self.timeout, MAX_JWKS_BYTES).await {
-            Ok(body) => KeySet::from_json(&body),
-            Err(e) => Err(e),
+        let (url, result) = match self.jwks_url().await {
+            Ok(url) => {
+                let result = match self.client.get(&url, MAX_JWKS_BYTES).await {
+                    Ok(body) => KeySet::from_json(&body),
+                    Err(e) => Err(e),
+                };
+                (url.to_string(), result)
+            }
+            Err(e) => (self.source_label(), Err(e)),
         };
         let ok = match result {
             Ok(set) => {
-                tracing::info!(event = "jwks_refreshed", trigger, keys = set.len(), url = %self.url, "JWKS loaded");
+                tracing::info!(event = "jwks_refreshed", trigger, keys = set.len(), url = %url, "JWKS loaded");
                 self.metrics.jwks_refresh(true, trigger);
                 self.current.store(Some(Arc::new(set)));
                 true
@@ -378,7 +397,7 @@ impl JwksCache {
                 } else {
                     "JWKS fetch failed; keeping the last good keys"
                 };
-                tracing::warn!(event = "jwks_refresh_failed", trigger, url = %self.url, %error, keys_in_use = have,
+                tracing::warn!(event = "jwks_refresh_failed", trigger, url = %url, %error, keys_in_use = have,
                     "{message}");
                 self.metrics.jwks_refresh(false, trigger);
                 false
@@ -388,6 +407,29 @@ impl JwksCache {
         ok
     }
 
+    /// The JWKS URL, discovering it first when only the issuer is known.
+    async fn jwks_url(&self) -> Result<Url, String> {
+        if let Some(url) = self.url.lock().ok().and_then(|g| g.clone()) {
+            return Ok(url);
+        }
+        let KeySource::Issuer(issuer) = &self.source else {
+            return Err("no JWKS URL".into());
+        };
+        let url = self.client.discover(issuer).await?;
+        tracing::info!(event = "oidc_discovered", issuer = %issuer, jwks_uri = %url, "JWKS URL discovered");
+        if let Ok(mut g) = self.url.lock() {
+            *g = Some(url.clone());
+        }
+        Ok(url)
+    }
+
+    fn source_label(&self) -> String {
+        match &self.source {
+            KeySource::Jwks(u) => u.to_string(),
+            KeySource::Issuer(i) => format!("{i} (discovery)"),
+        }
+    }
+
     /// Seconds since the keys in use were fetched.
     #[must_use]
     pub fn age_seconds(&self) -> Option<f64> {
@@ -395,126 +437,6 @@ impl JwksCache {
             .load()
             .as_ref()
             .map(|s| s.fetched_at.elapsed().as_secs_f64())
-    }
-}
-
-/// A minimal HTTP/1.1 GET: status 200 required, Content-Length, chunked or close-delimited bodies, `max` bytes.
-///
-/// # Errors
-/// Dial, I/O, deadline, non-200 status, oversize or malformed response; the message names no secret.
-pub async fn http_get(
-    url: &Url,
-    tls: &Arc<rustls::ClientConfig>,
-    limit: Duration,
-    max: usize,
-) -> Result<Vec<u8>, String> {
-    let exchange = async {
-        let (mut io, _) = dial(url, tls, limit).await.map_err(|e| e.to_string())?;
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: ws-gateway/{}\r\nConnection: close\r\n\r\n",
-            url.path_and_query,
-            url.authority,
-            env!("CARGO_PKG_VERSION")
-        );
-        io.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        io.flush().await.map_err(|e| e.to_string())?;
-        let mut buf = Vec::with_capacity(8192);
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            let eof = match io.read(&mut chunk).await {
-                Ok(0) => true,
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    false
-                }
-                // A server that closes without TLS close_notify: treat as the end of a close-delimited body.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
-                Err(e) => return Err(e.to_string()),
-            };
-            if buf.len() > max + 16 * 1024 {
-                return Err(format!("response larger than {max} bytes"));
-            }
-            if let Some(body) = complete_body(&buf, eof)? {
-                if body.len() > max {
-                    return Err(format!("response larger than {max} bytes"));
-                }
-                return Ok(body);
-            }
-            if eof {
-                return Err("connection closed before the response was complete".into());
-            }
-        }
-    };
-    tokio::time::timeout(limit, exchange)
-        .await
-        .map_err(|_| format!("timed out after {}s", limit.as_secs()))?
-}
-
-/// The body once the response in `buf` is complete. Public for the fuzz target only.
-///
-/// # Errors
-/// Malformed head, a status other than 200, a bad length or chunk size.
-#[doc(hidden)]
-pub fn complete_body(buf: &[u8], eof: bool) -> Result<Option<Vec<u8>>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut resp = httparse::Response::new(&mut headers);
-    let used = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("malformed response: {e}")),
-    };
-    let status = resp.code.unwrap_or(0);
-    if status != 200 {
-        return Err(format!("status {status}"));
-    }
-    let header = |name: &str| {
-        resp.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
-    let body = &buf[used..];
-    if header("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        return decode_chunked(body);
-    }
-    if let Some(len) = header("Content-Length") {
-        let len: usize = len
-            .trim()
-            .parse()
-            .map_err(|_| "bad Content-Length".to_owned())?;
-        return Ok((body.len() >= len).then(|| body[..len].to_vec()));
-    }
-    Ok(eof.then(|| body.to_vec()))
-}
-
-/// Decodes a chunked body: `Ok(None)` while incomplete.
-fn decode_chunked(mut body: &[u8]) -> Result<Option<Vec<u8>>, String> {
-    let mut out = Vec::new();
-    loop {
-        let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") else {
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&body[..line_end]).map_err(|_| "bad chunk size")?;
-        let size_text = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size".to_owned())?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Ok(Some(out));
-        }
-        // The size comes from the server: `size + 2` must not wrap (a `ffffffffffffffff` chunk aborted the process).
-        let Some(with_crlf) = size.checked_add(2) else {
-            return Err("bad chunk size".into());
-        };
-        if body.len() < with_crlf {
-            return Ok(None);
-        }
-        if &body[size..with_crlf] != b"\r\n" {
-            return Err("chunk not followed by CRLF".into());
-        }
-        out.extend_from_slice(&body[..size]);
-        body = &body[with_crlf..];
     }
 }
 
@@ -554,40 +476,5 @@ mod tests {
         );
         assert!(KeySet::from_json(br#"{"keys":[]}"#).is_err());
         assert!(KeySet::from_json(b"<html>").is_err());
-    }
-
-    #[test]
-    fn chunked_and_lengths() {
-        let resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"ke\r\n3;x=1\r\nys\"\r\n0\r\n\r\n";
-        assert_eq!(
-            complete_body(resp, false).expect("ok").as_deref(),
-            Some(&b"{\"keys\""[..])
-        );
-        assert_eq!(complete_body(&resp[..50], false).expect("ok"), None);
-        // A chunk size that wraps `size + 2` is an error, not a panic.
-        let huge =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n";
-        assert!(complete_body(huge, false).is_err());
-        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffe\r\n";
-        assert!(complete_body(huge, false).is_err());
-        let unterminated =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n";
-        assert!(complete_body(unterminated, false).is_err());
-        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
-        assert_eq!(
-            complete_body(resp, false).expect("ok").as_deref(),
-            Some(&b"{}"[..])
-        );
-        assert!(complete_body(b"HTTP/1.1 500 Oops\r\n\r\n", true).is_err());
-        assert_eq!(
-            complete_body(b"HTTP/1.1 200 OK\r\n\r\n{}", false).expect("ok"),
-            None
-        );
-        assert_eq!(
-            complete_body(b"HTTP/1.1 200 OK\r\n\r\n{}", true)
-                .expect("ok")
-                .as_deref(),
-            Some(&b"{}"[..])
-        );
     }
 }

@@ -6,6 +6,7 @@
 //! - [`jwks`]: the key cache, its refresh and the rate-limited refetch on an unknown `kid`;
 //! - [`origin`]: the Origin policy.
 
+pub mod idp;
 pub mod jwks;
 pub mod jwt;
 pub mod origin;

@@ -314,6 +314,8 @@ pub enum IdpMode {
     Slow(Duration),
     /// 200 with a body that is not JSON.
     Garbage,
+    /// These exact bytes, then close (hostile responses).
+    Raw(&'static [u8]),
 }
 
 struct IdpState {
@@ -356,7 +358,31 @@ impl Idp {
                         s.hits += 1;
                         (s.mode, json!({"keys": s.keys}).to_string())
                     };
+                    let head = String::from_utf8_lossy(&got).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    if path.ends_with("/.well-known/openid-configuration") {
+                        let base = format!("http://{addr}/realms/demo");
+                        let doc = json!({"issuer": base, "jwks_uri": format!("http://{addr}{JWKS_PATH}")})
+                            .to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{doc}",
+                            doc.len()
+                        );
+                        let _ = tcp.write_all(resp.as_bytes()).await;
+                        return;
+                    }
+                    if path == "/redirect" {
+                        let resp = format!(
+                            "HTTP/1.1 302 Found\r\nLocation: {JWKS_PATH}\r\nContent-Length: 0\r\n\r\n"
+                        );
+                        let _ = tcp.write_all(resp.as_bytes()).await;
+                        return;
+                    }
                     match mode {
+                        IdpMode::Raw(bytes) => {
+                            let _ = tcp.write_all(bytes).await;
+                            return;
+                        }
                         IdpMode::Down => return,
                         IdpMode::Slow(d) => tokio::time::sleep(d).await,
                         IdpMode::Garbage => {
