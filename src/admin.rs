@@ -1,25 +1,37 @@
 //! The admin listener: `/healthz` (liveness), `/readyz` (readiness: keys loaded and not draining) and `/metrics`
-//! (OpenMetrics text). In `--dev` it also serves the dev JWKS. Off the data path; one request per connection.
+//! (OpenMetrics text), served by hyper. In `--dev` it also serves the dev JWKS. Off the data path; one request per
+//! connection.
+//!
+//! Connections are accepted at once and registered in a [`Pending`] set until their request head arrives: beyond
+//! [`MAX_PENDING`] waiting connections, or [`MAX_PENDING_PER_PEER`] from one address, the oldest waiting one is
+//! closed. A flood of idle sockets then evicts itself instead of starving the kubelet's probes (a waiting
+//! semaphore let 200 idle sockets make every `/healthz` time out).
 
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::pending::Pending;
 use crate::server::Gateway;
-use crate::upgrade::{read_head, ReadHead, Response};
 
-/// Largest admin request head.
-const MAX_HEAD: usize = 8 * 1024;
-/// Admin connections waiting for their request head at once; beyond it the oldest is closed, so a flood of idle
-/// sockets cannot starve the probes (200 idle sockets used to make every `/healthz` time out).
+/// Admin connections waiting for their request head at once; beyond it the oldest is closed.
 const MAX_PENDING: usize = 64;
 /// Of those, the most from one address: a flooding peer evicts its own sockets, not the kubelet's.
 const MAX_PENDING_PER_PEER: usize = 8;
-/// Time allowed for the request head, and for writing the answer.
-const DEADLINE: Duration = Duration::from_secs(3);
+/// Time allowed for the request head.
+const HEAD_DEADLINE: Duration = Duration::from_secs(3);
+/// Time allowed for a whole connection, answer included (a scraper that stops reading is cut off).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Extra documents served by the admin listener (the dev JWKS).
 #[derive(Debug, Clone, Default)]
@@ -32,7 +44,7 @@ pub struct Extras {
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>) {
     let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
     loop {
-        let (mut tcp, peer) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(error) => {
                 tracing::warn!(event = "admin_accept_failed", %error, "admin accept failed");
@@ -47,63 +59,81 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>)
                 .get_or_create(&[("listener", "admin")])
                 .inc_by(evicted as u64);
         }
+        let eviction = ticket.eviction();
+        // Dropped when the request head has arrived: the connection has earned its place.
+        let ticket = Arc::new(Mutex::new(Some(ticket)));
         let gw = Arc::clone(&gw);
         let extras = Arc::clone(&extras);
         tokio::spawn(async move {
-            let read = tokio::time::timeout(DEADLINE, read_head(&mut tcp, MAX_HEAD));
-            let head = tokio::select! {
-                r = read => r,
-                () = ticket.evicted() => return,
-            };
-            drop(ticket);
-            let head = match head {
-                Ok(Ok(Ok(ReadHead::Complete(head, _)))) => head,
-                Ok(Ok(Err(e))) => {
-                    let _ = tokio::time::timeout(DEADLINE, e.response().send(&mut tcp)).await;
-                    return;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                if let Ok(mut t) = ticket.lock() {
+                    t.take();
                 }
-                _ => return,
-            };
-            let (status, content_type, body) = answer(&gw, &extras, &head.method, head.path());
-            let bytes = Response::new(status, body).to_bytes(content_type);
-            let _ = tokio::time::timeout(DEADLINE, async {
-                tcp.write_all(&bytes).await?;
-                tcp.shutdown().await
-            })
-            .await;
+                let resp = answer(&gw, &extras, req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_DEADLINE)
+                .keep_alive(false)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_DEADLINE, conn) => {}
+                () = eviction.notified() => {}
+            }
         });
     }
 }
 
-fn answer(gw: &Gateway, extras: &Extras, method: &str, path: &str) -> (u16, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if method != "GET" && method != "HEAD" {
-        return (405, TEXT, "method not allowed".into());
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn answer(gw: &Gateway, extras: &Extras, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut resp = response(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into());
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
     }
     match path {
-        "/healthz" => (200, TEXT, "ok".into()),
+        "/healthz" => response(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz" => {
             if gw.is_ready() {
-                (200, TEXT, "ready".into())
+                response(StatusCode::OK, TEXT, "ready\n".into())
             } else if !gw.verifier.keys().is_ready() {
-                (503, TEXT, "not ready: signing keys not loaded".into())
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "not ready: signing keys not loaded\n".into(),
+                )
             } else {
-                (503, TEXT, "not ready: draining".into())
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "not ready: draining\n".into(),
+                )
             }
         }
         "/metrics" => {
             if let Some(age) = gw.verifier.keys().age_seconds() {
                 gw.metrics.jwks_key_age.set(age);
             }
-            (
-                200,
+            response(
+                StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 gw.metrics.encode(),
             )
         }
         other => match extras.json.iter().find(|(p, _)| p == other) {
-            Some((_, body)) => (200, "application/json", body.clone()),
-            None => (404, TEXT, "not found".into()),
+            Some((_, body)) => response(StatusCode::OK, "application/json", body.clone()),
+            None => response(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
         },
     }
 }

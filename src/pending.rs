@@ -53,6 +53,12 @@ impl Ticket {
     pub async fn evicted(&self) {
         self.evict.notified().await;
     }
+
+    /// The eviction signal, to wait on after the ticket itself has been handed elsewhere.
+    #[must_use]
+    pub fn eviction(&self) -> Arc<Notify> {
+        Arc::clone(&self.evict)
+    }
 }
 
 impl Drop for Ticket {
