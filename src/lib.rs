@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
 pub use config::{Config, Settings};
 
@@ -58,9 +58,19 @@ pub enum StartError {
     /// `--dev` setup.
     #[error("dev mode: {0}")]
     Dev(String),
-    /// Signal handlers.
-    #[error("signals: {0}")]
-    Signals(#[from] std::io::Error),
+    /// The listeners' addresses could not be read.
+    #[error("listener: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// What the owner of a running gateway asks of it. `main.rs` sends these for SIGTERM/SIGINT and SIGHUP; a test or
+/// an embedding program sends them directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Start the drain; a second one during the drain exits at once.
+    Shutdown,
+    /// Reload the certificate and key files.
+    Reload,
 }
 
 /// How the process ended.
@@ -74,19 +84,17 @@ pub enum Exit {
     Forced,
 }
 
-/// Runs the gateway on bound listeners until SIGTERM or SIGINT, then drains.
+/// Runs the gateway on bound listeners until `triggers` asks for a shutdown (or its sender is dropped), then
+/// drains. The gateway owns no signal handler: whoever calls this decides what stops it, so tests run it in-process.
 ///
 /// # Errors
-/// TLS material that does not load, `--dev` setup, or signal registration.
+/// TLS material that does not load, `--dev` setup, or listeners whose address cannot be read.
 pub async fn run(
     mut config: Config,
     listener: TcpListener,
     admin: TcpListener,
+    mut triggers: mpsc::Receiver<Trigger>,
 ) -> Result<Exit, StartError> {
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-
     let metrics = Arc::new(metrics::Metrics::new());
     let drain = shutdown::Drain::new();
     let admin_addr = admin.local_addr()?;
@@ -191,15 +199,9 @@ pub async fn run(
         eprintln!("{}", dev::banner(&config, setup));
     }
 
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                if let Some(cert) = &cert {
-                    report_reload(&metrics, cert, cert.reload(), "sighup");
-                }
-            }
+    while let Some(Trigger::Reload) = triggers.recv().await {
+        if let Some(cert) = &cert {
+            report_reload(&metrics, cert, cert.reload(), "sighup");
         }
     }
     metrics.draining.set(1);
@@ -210,10 +212,19 @@ pub async fn run(
         "signal received: readiness is 503, listener closing, sessions draining"
     );
     let close_grace = config.timeouts.write.min(Duration::from_secs(5)) + Duration::from_secs(1);
+    let second_shutdown = async {
+        loop {
+            match triggers.recv().await {
+                Some(Trigger::Shutdown) => return,
+                Some(Trigger::Reload) => {}
+                // Nobody can ask any more: let the drain finish.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
     let exit = tokio::select! {
         done = drain.run(config.timeouts.drain, config.timeouts.drain_spread, close_grace) => if done { Exit::Drained } else { Exit::DeadlinePassed },
-        _ = sigterm.recv() => Exit::Forced,
-        _ = sigint.recv() => Exit::Forced,
+        () = second_shutdown => Exit::Forced,
     };
     tracing::info!(event = "stopped", outcome = ?exit, sessions = gw.registry.len(), "ws-gateway stopped");
     Ok(exit)

@@ -5,7 +5,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, Parser};
 use std::error::Error as _;
 
-use ws_gateway::{Exit, Settings};
+use ws_gateway::{Exit, Settings, Trigger};
 
 fn main() -> anyhow::Result<()> {
     let settings = match Settings::try_parse() {
@@ -51,7 +51,8 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", config.listen))?;
         let admin = ws_gateway::net::bind_listener(config.admin_listen, config.reuse_port)
             .with_context(|| format!("binding the admin listener {}", config.admin_listen))?;
-        ws_gateway::run(config, listener, admin)
+        let triggers = signals().context("installing signal handlers")?;
+        ws_gateway::run(config, listener, admin, triggers)
             .await
             .context("running the gateway")
     });
@@ -64,6 +65,28 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// SIGTERM and SIGINT ask for a shutdown (a second one forces it), SIGHUP for a certificate reload.
+fn signals() -> std::io::Result<tokio::sync::mpsc::Receiver<Trigger>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let trigger = tokio::select! {
+                _ = term.recv() => Trigger::Shutdown,
+                _ = int.recv() => Trigger::Shutdown,
+                _ = hup.recv() => Trigger::Reload,
+            };
+            if tx.send(trigger).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// A bad value for a setting, in the gateway's own form: `ENV (--flag): the value "…" is not valid (why)`, saying

@@ -819,4 +819,53 @@ mod tests {
         assert_eq!(up[at - last.payload.len() - 6] & 0x0f, frame::OP_CLOSE);
         assert!(up[at - last.payload.len() - 5] & 0x80 != 0, "masked");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_frame_buffered_at_close_is_dropped_and_the_close_follows_the_last_whole_frame() {
+        // The client reads nothing at first, so what the upstream sent stays buffered in the gateway.
+        let (mut client, mut gw_client) = duplex(64);
+        let (mut gw_up, mut upstream) = duplex(1 << 20);
+        let whole = encode(OP_BINARY, &[1u8; 100], None);
+        let next = encode(OP_BINARY, &[2u8; 100], None);
+        let mut sent = whole.clone();
+        sent.extend_from_slice(&next[..50]);
+        upstream.write_all(&sent).await.expect("write");
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            let expires = Instant::now() + Duration::from_secs(1);
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                Some(expires),
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        let close = loop {
+            let mut b = [0u8; 64];
+            let n = client.read(&mut b).await.expect("read");
+            assert!(n > 0, "EOF before the Close");
+            got.extend_from_slice(&b[..n]);
+            if got.len() > whole.len() {
+                if let Some((f, _)) = decode(&got[whole.len()..], 125).expect("valid") {
+                    break f;
+                }
+            }
+        };
+        assert_eq!(&got[..whole.len()], &whole[..], "the whole frame first");
+        assert_eq!(close.opcode, frame::OP_CLOSE, "then the Close, no byte of the partial frame");
+        assert_eq!(close.payload[..2], 1008u16.to_be_bytes());
+        client
+            .write_all(&frame::close_frame(1008, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("answer");
+        let out = task.await.expect("join");
+        assert!(out.close_sent);
+    }
 }

@@ -921,3 +921,104 @@ pub async fn next_close(ws: &mut Ws) -> (u16, String) {
         }
     }
 }
+
+/// A gateway running in this process (`ws_gateway::run`), stopped through its trigger channel.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub triggers: tokio::sync::mpsc::Sender<ws_gateway::Trigger>,
+    pub task: tokio::task::JoinHandle<Result<ws_gateway::Exit, ws_gateway::StartError>>,
+}
+
+impl InProcess {
+    /// Starts the gateway with `args` (flags, as on the command line) on 127.0.0.1 port 0 and waits for readiness.
+    pub async fn start(args: &[String]) -> InProcess {
+        use clap::Parser;
+        let mut full = vec!["ws-gateway".to_owned()];
+        full.extend(args.iter().cloned());
+        let config = ws_gateway::Settings::try_parse_from(full)
+            .expect("flags")
+            .resolve()
+            .expect("valid configuration");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let admin = admin_listener.local_addr().expect("addr");
+        let (triggers, rx) = tokio::sync::mpsc::channel(4);
+        let task = tokio::spawn(ws_gateway::run(config, listener, admin_listener, rx));
+        let gw = InProcess {
+            addr,
+            admin,
+            triggers,
+            task,
+        };
+        within(async {
+            loop {
+                if let Ok(mut tcp) = TcpStream::connect(gw.admin).await {
+                    let _ = tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n").await;
+                    let mut out = Vec::new();
+                    let _ = tcp.read_to_end(&mut out).await;
+                    if out.starts_with(b"HTTP/1.1 200") {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        gw
+    }
+}
+
+/// A raw TLS upgrade with `extra` header lines; returns the stream after a 101 and any bytes read past the head.
+pub async fn raw_upgrade(
+    pki: &Pki,
+    addr: SocketAddr,
+    path: &str,
+    extra: &str,
+) -> (TlsStream<TcpStream>, String, Vec<u8>) {
+    let mut s = tls(pki, addr).await;
+    within(s.write_all(upgrade(path, extra).as_bytes()))
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let end = within(async {
+        loop {
+            let mut b = [0u8; 1024];
+            let n = s.read(&mut b).await.expect("read");
+            assert!(n > 0, "closed before the response head");
+            got.extend_from_slice(&b[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                return i + 4;
+            }
+        }
+    })
+    .await;
+    let rest = got.split_off(end);
+    (s, String::from_utf8_lossy(&got).into_owned(), rest)
+}
+
+/// Reads frames until a Close; returns the frames before it and the Close's code.
+pub async fn frames_until_close(
+    s: &mut TlsStream<TcpStream>,
+    mut buf: Vec<u8>,
+) -> (Vec<ws_gateway::frame::Frame>, u16) {
+    let mut frames = Vec::new();
+    within(async {
+        loop {
+            while let Some((f, used)) = ws_gateway::frame::decode(&buf, 1 << 20).expect("valid frame") {
+                buf.drain(..used);
+                if f.opcode == ws_gateway::frame::OP_CLOSE {
+                    let code = u16::from_be_bytes([f.payload[0], f.payload[1]]);
+                    return (std::mem::take(&mut frames), code);
+                }
+                frames.push(f);
+            }
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).await.expect("read");
+            assert!(n > 0, "EOF before a Close frame");
+            buf.extend_from_slice(&b[..n]);
+        }
+    })
+    .await
+}
