@@ -16,8 +16,8 @@ need_apt() { # need_apt COMMAND PACKAGE...
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
-need_apt openssl openssl
-need_apt kill procps
+
+
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT

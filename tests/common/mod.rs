@@ -166,24 +166,14 @@ pub enum Key {
     Ed(Ed25519KeyPair),
 }
 
-/// One RSA key per test process (ring cannot generate RSA; openssl does, once).
+/// The RSA test key, checked in (ring cannot generate RSA keys, and the suite needs no openssl binary). It signs
+/// test tokens only.
 fn rsa_key() -> Arc<RsaKeyPair> {
     static KEY: OnceLock<Arc<RsaKeyPair>> = OnceLock::new();
     Arc::clone(KEY.get_or_init(|| {
-        let out = Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-outform",
-                "DER",
-            ])
-            .output()
-            .expect("openssl genpkey");
-        assert!(out.status.success(), "openssl failed");
-        Arc::new(RsaKeyPair::from_der(&out.stdout).expect("PKCS#1 DER"))
+        let pem = include_bytes!("../keys/rsa-2048-test-only.pem");
+        let der = PrivateKeyDer::from_pem_slice(pem).expect("PKCS#8 PEM");
+        Arc::new(RsaKeyPair::from_pkcs8(der.secret_der()).expect("RSA key"))
     }))
 }
 
@@ -684,12 +674,18 @@ impl Gateway {
         .await
     }
 
+    /// Sends `TERM`, `INT` or `HUP` to the gateway process (no `kill` binary needed).
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(ok.success());
+        let number = match sig {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            "HUP" => libc::SIGHUP,
+            other => panic!("unsupported signal {other}"),
+        };
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // Safety: kill(2) takes plain integers and touches no memory of ours; the pid is our own child's.
+        let rc = unsafe { libc::kill(pid, number) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
     }
 
     /// Waits for the process to exit, at most `limit`.
@@ -955,7 +951,9 @@ impl InProcess {
         within(async {
             loop {
                 if let Ok(mut tcp) = TcpStream::connect(gw.admin).await {
-                    let _ = tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n").await;
+                    let _ = tcp
+                        .write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
+                        .await;
                     let mut out = Vec::new();
                     let _ = tcp.read_to_end(&mut out).await;
                     if out.starts_with(b"HTTP/1.1 200") {
@@ -1006,7 +1004,9 @@ pub async fn frames_until_close(
     let mut frames = Vec::new();
     within(async {
         loop {
-            while let Some((f, used)) = ws_gateway::frame::decode(&buf, 1 << 20).expect("valid frame") {
+            while let Some((f, used)) =
+                ws_gateway::frame::decode(&buf, 1 << 20).expect("valid frame")
+            {
                 buf.drain(..used);
                 if f.opcode == ws_gateway::frame::OP_CLOSE {
                     let code = u16::from_be_bytes([f.payload[0], f.payload[1]]);
