@@ -16,8 +16,8 @@ need_apt() { # need_apt COMMAND PACKAGE...
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
-
-
+# The Rust tests need neither; the broker/browser tests and the benchmark make their certificates with openssl.
+need_apt openssl openssl
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT

@@ -31,7 +31,8 @@ let c;
 let browser;
 let pageServer;
 let plainPageServer;
-const shotDir = process.env.E2E_SCREENSHOT_DIR || makeTempDir('screenshots', { keep: true });
+// Kept only when asked for (E2E_SCREENSHOT_DIR); otherwise removed with the other temp dirs at exit.
+const shotDir = process.env.E2E_SCREENSHOT_DIR || makeTempDir('screenshots');
 
 /**
  * Serves the example page, its script, and MQTT.js's browser bundle from tests/e2e/node_modules, over HTTPS with
