@@ -97,7 +97,11 @@ fn response(status: StatusCode, content_type: &'static str, body: String) -> Res
 
 fn answer(gw: &Gateway, extras: &Extras, method: &Method, path: &str) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
-        let mut resp = response(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n".into());
+        let mut resp = response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "method not allowed\n".into(),
+        );
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;

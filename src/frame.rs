@@ -19,8 +19,14 @@ pub const OP_CONTINUATION: u8 = 0x0;
 pub const CLOSE_NORMAL: u16 = 1000;
 /// Close code: going away (drain, idle).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code: protocol error (the first MQTT packet is not a CONNECT).
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code: policy violation (token expired, revoked, not authorized).
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: try again later (session limit).
+pub const CLOSE_TRY_AGAIN: u16 = 1013;
+/// Close code: bad gateway (the upstream is unavailable).
+pub const CLOSE_UNAVAILABLE: u16 = 1014;
 
 /// Tracks where frames begin in one direction of a WebSocket stream.
 #[derive(Debug, Clone, Default)]

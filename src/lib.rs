@@ -5,7 +5,9 @@
 //! # Layout
 //! In the order a connection meets it:
 //! - [`config`]: typed, validated configuration (flags > env > file > defaults);
-//! - [`server`]: the accept loop and the life of one connection;
+//! - [`server`]: the shared state and the accept loop, one task per connection;
+//! - `admission`: PROXY header, TLS, head, route, upgrade checks, Origin, token, session slot, upstream, 101;
+//! - [`refusal`]: every way admission fails, answered, logged and counted in one place;
 //! - [`proxy_protocol`]: PROXY v1/v2 from trusted load balancers;
 //! - [`tls`]: PEM loading, server and client TLS, certificate reload;
 //! - [`upgrade`]: the bounded request-head reader, upgrade checks, and HTTP answers;
@@ -13,7 +15,9 @@
 //! - [`auth`]: token sources, JWT verification, JWKS cache, Origin policy;
 //! - [`upstream`]: the rewritten upgrade request, the dial, the 101 check;
 //! - [`relay`]: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
-//! - [`mqtt`]: the token in the MQTT CONNECT password, for clients that cannot set headers;
+//! - [`mqtt`]: the token in the MQTT CONNECT password (the CONNECT parser and the flow), for clients that cannot
+//!   set headers;
+//! - `session`: session accounting, what is counted and logged when a relayed session ends;
 //! - [`registry`]: live sessions by subject and token id, closable from outside;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the handles;
 //! - [`shutdown`]: the drain phases and connection guards; [`pending`]: connections before they earn their place;
@@ -22,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod admission;
 pub mod auth;
 pub mod config;
 pub mod dev;
@@ -32,10 +37,12 @@ pub mod mqtt;
 pub mod net;
 pub mod pending;
 pub mod proxy_protocol;
+pub mod refusal;
 pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod server;
+mod session;
 pub mod shutdown;
 pub mod tls;
 pub mod upgrade;

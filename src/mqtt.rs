@@ -3,7 +3,20 @@
 //! parses the MQTT 3.1, 3.1.1 or 5 CONNECT, and verifies its password as a JWT before anything reaches the upstream.
 //! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::Instant;
+
+use crate::admission::{dial, forwarding, Established};
+use crate::auth::source::Source;
+use crate::auth::AuthError;
+use crate::net::Io;
+use crate::refusal::{refuse, Channel, Refusal};
+use crate::route::Route;
+use crate::server::Gateway;
+use crate::upgrade::RequestHead;
 
 use crate::frame::{self, OP_BINARY, OP_CONTINUATION};
 
@@ -226,6 +239,129 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
         }
         raw.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// The CONNECT-password path, for clients that cannot set headers: the gateway completes the client's WebSocket
+/// handshake itself, reads the CONNECT before the connection's one handshake `deadline` (not a fresh one),
+/// verifies its password as the token, then dials the upstream and relays the CONNECT and everything after it
+/// unchanged. Refusals are a CONNACK and a Close ([`Refusal::mqtt`]).
+pub(crate) async fn session<'a>(
+    gw: &'a Gateway,
+    mut io: Io,
+    head: &RequestHead,
+    rest: Vec<u8>,
+    peer: SocketAddr,
+    route: &'a Route,
+    deadline: Instant,
+) -> Option<Established<'a>> {
+    use tokio::io::AsyncWriteExt;
+    let started = Instant::now();
+    let key = head
+        .single("Sec-WebSocket-Key")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let accept = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+        crate::upgrade::accept_key(key)
+    );
+    if io.write_all(accept.as_bytes()).await.is_err() || io.flush().await.is_err() {
+        return None;
+    }
+    let (connect, raw) = match tokio::time::timeout_at(deadline, read_connect(&mut io, rest)).await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let channel = Channel::Mqtt(None);
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                Some(head),
+                Some(route),
+                channel,
+                e.into(),
+            )
+            .await;
+        }
+        Err(_) => {
+            let (channel, refusal) = (Channel::Mqtt(None), Refusal::HandshakeTimeout);
+            return refuse(gw, &mut io, peer, Some(head), Some(route), channel, refusal).await;
+        }
+    };
+    let channel = Channel::Mqtt(Some(connect.level));
+    let token = connect
+        .password
+        .as_deref()
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .filter(|t| !t.is_empty());
+    let verified = match token {
+        Some(t) => gw.verifier.verify(t).await,
+        None => Err(AuthError::Missing),
+    };
+    let identity = match verified {
+        Ok(i) => i,
+        Err(e) => {
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                Some(head),
+                Some(route),
+                channel,
+                e.into(),
+            )
+            .await
+        }
+    };
+    gw.metrics.auth_success.inc();
+    let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
+        return refuse(
+            gw,
+            &mut io,
+            peer,
+            Some(head),
+            Some(route),
+            channel,
+            Refusal::Busy,
+        )
+        .await;
+    };
+    let request =
+        crate::upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));
+    let connected = match dial(gw, route, &request).await {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                Some(head),
+                Some(route),
+                channel,
+                e.into(),
+            )
+            .await
+        }
+    };
+    gw.metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .protocol_connections
+        .get_or_create(&[("protocol", "mqtt")])
+        .inc();
+    Some(Established {
+        client: io,
+        upstream: connected.io,
+        client_rest: raw,
+        upstream_rest: connected.rest,
+        peer,
+        route,
+        identity,
+        source: Source::MqttPassword,
+        slot,
+    })
 }
 
 #[cfg(test)]

@@ -821,7 +821,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_partial_frame_buffered_at_close_is_dropped_and_the_close_follows_the_last_whole_frame() {
+    async fn a_partial_frame_buffered_at_close_is_dropped_and_the_close_follows_the_last_whole_frame(
+    ) {
         // The client reads nothing at first, so what the upstream sent stays buffered in the gateway.
         let (mut client, mut gw_client) = duplex(64);
         let (mut gw_up, mut upstream) = duplex(1 << 20);
@@ -859,7 +860,11 @@ mod tests {
             }
         };
         assert_eq!(&got[..whole.len()], &whole[..], "the whole frame first");
-        assert_eq!(close.opcode, frame::OP_CLOSE, "then the Close, no byte of the partial frame");
+        assert_eq!(
+            close.opcode,
+            frame::OP_CLOSE,
+            "then the Close, no byte of the partial frame"
+        );
         assert_eq!(close.payload[..2], 1008u16.to_be_bytes());
         client
             .write_all(&frame::close_frame(1008, "", Some([1, 2, 3, 4])))

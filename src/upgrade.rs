@@ -1,5 +1,5 @@
-//! The bounded HTTP/1.1 request-head reader, the WebSocket upgrade checks, and the one place rejections become
-//! HTTP responses.
+//! The bounded HTTP/1.1 request-head reader and the WebSocket upgrade checks. How a failed check is answered is
+//! decided in [`crate::refusal`].
 //!
 //! The reader stops at the end of the head: bytes the client pipelined after it are returned as `rest` and belong
 //! to the session.
@@ -7,7 +7,7 @@
 use std::io;
 
 use base64::Engine;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Most headers a request may carry.
 pub const MAX_HEADERS: usize = 64;
@@ -115,28 +115,6 @@ impl UpgradeError {
             UpgradeError::UpgradeRequired => "upgrade_required",
             UpgradeError::Version => "bad_version",
             UpgradeError::Key => "bad_key",
-        }
-    }
-
-    /// The HTTP answer.
-    #[must_use]
-    pub fn response(&self) -> Response {
-        match self {
-            UpgradeError::Malformed(why) => Response::new(400, format!("bad request: {why}")),
-            UpgradeError::TooLarge => Response::new(431, "request header fields too large"),
-            UpgradeError::NoRoute => Response::new(404, "no route for this path"),
-            UpgradeError::Method => {
-                Response::new(405, "only GET upgrades are served").header("Allow", "GET")
-            }
-            UpgradeError::UpgradeRequired => {
-                Response::new(426, "this endpoint serves WebSocket upgrades only")
-                    .header("Upgrade", "websocket")
-                    .header("Connection", "Upgrade")
-                    .header("Sec-WebSocket-Version", "13")
-            }
-            UpgradeError::Version => Response::new(400, "unsupported Sec-WebSocket-Version")
-                .header("Sec-WebSocket-Version", "13"),
-            UpgradeError::Key => Response::new(400, "missing or invalid Sec-WebSocket-Key"),
         }
     }
 }
@@ -316,94 +294,10 @@ pub fn accept_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
 }
 
-/// A complete HTTP response the gateway writes itself: status, a few headers, a short text body.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: String,
-}
-
-impl Response {
-    /// A response with a plain-text body (a newline is added).
-    #[must_use]
-    pub fn new(status: u16, body: impl Into<String>) -> Response {
-        Response {
-            status,
-            headers: Vec::new(),
-            body: body.into(),
-        }
-    }
-
-    /// Adds a header.
-    #[must_use]
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
-        self.headers.push((name, value.into()));
-        self
-    }
-
-    /// The bytes on the wire; every response closes the connection.
-    #[must_use]
-    pub fn to_bytes(&self, content_type: &str) -> Vec<u8> {
-        let body = if self.body.is_empty() || self.body.ends_with('\n') {
-            self.body.clone()
-        } else {
-            format!("{}\n", self.body)
-        };
-        let mut out = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
-        // One Connection header: a response that names its own (426's `Upgrade`) gets `close` added to it.
-        let mut connection = "close".to_owned();
-        for (n, v) in &self.headers {
-            if n.eq_ignore_ascii_case("Connection") {
-                connection = format!("{v}, close");
-            } else {
-                out.push_str(&format!("{n}: {v}\r\n"));
-            }
-        }
-        out.push_str(&format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\nCache-Control: no-store\r\n\r\n{body}",
-            body.len()
-        ));
-        out.into_bytes()
-    }
-
-    /// Writes the response and shuts the write side down.
-    ///
-    /// # Errors
-    /// The peer is gone.
-    pub async fn send<W: AsyncWrite + Unpin>(&self, io: &mut W) -> io::Result<()> {
-        io.write_all(&self.to_bytes("text/plain; charset=utf-8"))
-            .await?;
-        io.flush().await?;
-        io.shutdown().await
-    }
-}
-
-/// Reason phrase for the statuses the gateway sends.
-#[must_use]
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        101 => "Switching Protocols",
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        426 => "Upgrade Required",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::refusal::Refusal;
 
     const GOOD: &[u8] = b"GET /ws?x=1 HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nEXTRA";
@@ -449,7 +343,7 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
         ];
         for (raw, status) in cases {
             let err = check_upgrade(&head(raw.as_bytes())).expect_err(&raw);
-            assert_eq!(err.response().status, status, "{raw}");
+            assert_eq!(Refusal::Upgrade(err).http().status, status, "{raw}");
         }
         assert!(matches!(
             parse_head(b"GET /a/../b HTTP/1.1\r\n\r\n"),
@@ -493,7 +387,7 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             );
             let raw = format!("GET {bad}?x=1 HTTP/1.1\r\nHost: gw\r\n\r\n");
             let err = parse_head(raw.as_bytes()).expect_err(bad);
-            assert_eq!(err.response().status, 400, "{bad}");
+            assert_eq!(Refusal::Upgrade(err).http().status, 400, "{bad}");
         }
         for good in [
             "/",
@@ -510,8 +404,12 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
 
     #[test]
     fn bad_version_answer_names_13() {
-        let bytes = String::from_utf8(UpgradeError::Version.response().to_bytes("text/plain"))
-            .expect("utf8");
+        let bytes = String::from_utf8(
+            Refusal::Upgrade(UpgradeError::Version)
+                .http()
+                .to_bytes("text/plain"),
+        )
+        .expect("utf8");
         assert!(bytes.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(bytes.contains("Sec-WebSocket-Version: 13\r\n"));
     }
@@ -519,8 +417,8 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
     #[test]
     fn upgrade_required_has_one_connection_header() {
         let bytes = String::from_utf8(
-            UpgradeError::UpgradeRequired
-                .response()
+            Refusal::Upgrade(UpgradeError::UpgradeRequired)
+                .http()
                 .to_bytes("text/plain"),
         )
         .expect("utf8");

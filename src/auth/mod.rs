@@ -158,23 +158,6 @@ impl AuthError {
             AuthError::Type => "typ",
         }
     }
-
-    /// The HTTP answer: 401 with a `WWW-Authenticate` challenge, or 503 before any keys are loaded.
-    #[must_use]
-    pub fn response(&self) -> crate::upgrade::Response {
-        use crate::upgrade::Response;
-        match self {
-            AuthError::NoKeys => Response::new(
-                503,
-                "authentication unavailable: signing keys not loaded yet",
-            )
-            .header("Retry-After", "5"),
-            other => Response::new(401, format!("unauthorized: {other}")).header(
-                "WWW-Authenticate",
-                format!("Bearer error=\"invalid_token\", error_description=\"{other}\""),
-            ),
-        }
-    }
 }
 
 /// The claims of a verified token that the gateway uses.

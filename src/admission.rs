@@ -1,0 +1,311 @@
+//! Admission: everything between accept and the relay. PROXY header, TLS and the request head under one
+//! deadline; then route, upgrade checks, Origin and token; then a session slot, the upstream dial and the 101.
+//! The result is an [`Established`] connection or a [`Refusal`] answered by [`refuse`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::auth::source::{find_token, Source};
+use crate::auth::{AuthError, Identity};
+use crate::metrics::protocol_label;
+use crate::net::Io;
+use crate::refusal::{refuse, Channel, Refusal, Response};
+use crate::route::Route;
+use crate::server::Gateway;
+use crate::upgrade::{check_upgrade, read_head, ReadHead, RequestHead, UpgradeError};
+use crate::upstream::{self, Forwarding, UpstreamError};
+
+/// A connection that passed every check and has an upstream: what the relay needs, and nothing else.
+pub(crate) struct Established<'a> {
+    pub(crate) client: Io,
+    pub(crate) upstream: Io,
+    pub(crate) client_rest: Vec<u8>,
+    pub(crate) upstream_rest: Vec<u8>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) route: &'a Route,
+    pub(crate) identity: Identity,
+    pub(crate) source: Source,
+    pub(crate) slot: OwnedSemaphorePermit,
+}
+
+/// Everything before the relay; `None` when the connection was refused or went away (already answered and logged).
+pub(crate) async fn establish(
+    gw: &Gateway,
+    mut tcp: TcpStream,
+    mut peer: SocketAddr,
+) -> Option<Established<'_>> {
+    let _ = tcp.set_nodelay(true);
+    let deadline = Instant::now() + gw.config.timeouts.handshake;
+
+    if gw.config.proxy_protocol {
+        if !gw
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|c| c.contains(peer.ip()))
+        {
+            tracing::warn!(event = "proxy_untrusted", peer = %peer, "PROXY protocol expected but peer is not trusted; closing");
+            gw.metrics
+                .proxy_errors
+                .get_or_create(&[("kind", "proxy_untrusted")])
+                .inc();
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await
+        {
+            Ok(Ok(Some(addr))) => peer = addr,
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(event = "proxy_header_invalid", peer = %peer, %error, "bad PROXY protocol header; closing");
+                gw.metrics
+                    .proxy_errors
+                    .get_or_create(&[("kind", "proxy_header")])
+                    .inc();
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
+
+    let mut io = match &gw.tls {
+        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Io::ServerTls(Box::new(s)),
+            Ok(Err(error)) => {
+                gw.metrics.tls_handshake_failures.inc();
+                tracing::debug!(event = "tls_handshake_failed", peer = %peer, %error, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                gw.metrics.tls_handshake_failures.inc();
+                tracing::debug!(event = "tls_handshake_timeout", peer = %peer, "TLS handshake timed out");
+                return None;
+            }
+        },
+        None => Io::Plain(tcp),
+    };
+
+    let (head, rest) = match tokio::time::timeout_at(
+        deadline,
+        read_head(&mut io, gw.config.max_request_head_bytes),
+    )
+    .await
+    {
+        Ok(Ok(Ok(ReadHead::Complete(head, rest)))) => (head, rest),
+        Ok(Ok(Ok(ReadHead::Closed))) | Ok(Err(_)) => return None,
+        Ok(Ok(Err(e))) => {
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                None,
+                None,
+                Channel::Http,
+                Refusal::Upgrade(e),
+            )
+            .await
+        }
+        Err(_) => {
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                None,
+                None,
+                Channel::Http,
+                Refusal::HandshakeTimeout,
+            )
+            .await
+        }
+    };
+    let started = Instant::now();
+
+    if head.path() == "/healthz" {
+        let resp = if head.method == "GET" {
+            Response::new(200, "ok")
+        } else {
+            Refusal::Upgrade(UpgradeError::Method).http()
+        };
+        let _ = resp.send(&mut io).await;
+        return None;
+    }
+    let Some(route) = gw.config.routes.find(head.path()) else {
+        let refusal = Refusal::Upgrade(UpgradeError::NoRoute);
+        return refuse(gw, &mut io, peer, Some(&head), None, Channel::Http, refusal).await;
+    };
+    let (identity, source) = match admit(gw, &head, route).await {
+        Ok(ok) => ok,
+        Err(Refusal::Auth(AuthError::Missing)) if mqtt_password_applies(gw, &head, route) => {
+            return Box::pin(crate::mqtt::session(
+                gw, io, &head, rest, peer, route, deadline,
+            ))
+            .await;
+        }
+        Err(e) => {
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                Some(&head),
+                Some(route),
+                Channel::Http,
+                e,
+            )
+            .await
+        }
+    };
+    gw.metrics.auth_success.inc();
+    let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
+        let refusal = Refusal::Busy;
+        return refuse(
+            gw,
+            &mut io,
+            peer,
+            Some(&head),
+            Some(route),
+            Channel::Http,
+            refusal,
+        )
+        .await;
+    };
+
+    let request =
+        upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
+    let connected = match dial(gw, route, &request).await {
+        Ok(c) => c,
+        Err(e) => {
+            let refusal = Refusal::Upstream(e);
+            return refuse(
+                gw,
+                &mut io,
+                peer,
+                Some(&head),
+                Some(route),
+                Channel::Http,
+                refusal,
+            )
+            .await;
+        }
+    };
+    let upstream::Connected {
+        io: up,
+        response,
+        rest: up_rest,
+        protocol,
+    } = connected;
+
+    use tokio::io::AsyncWriteExt;
+    if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
+        return None;
+    }
+    gw.metrics
+        .handshake_duration
+        .observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .protocol_connections
+        .get_or_create(&[("protocol", protocol_label(protocol.as_deref()))])
+        .inc();
+    Some(Established {
+        client: io,
+        upstream: up,
+        client_rest: rest,
+        upstream_rest: up_rest,
+        peer,
+        route,
+        identity,
+        source,
+        slot,
+    })
+}
+
+pub(crate) fn forwarding<'a>(
+    gw: &'a Gateway,
+    io: &Io,
+    peer: SocketAddr,
+    identity: &'a Identity,
+    no_extensions: bool,
+) -> Forwarding<'a> {
+    Forwarding {
+        client_ip: peer.ip(),
+        tls: io.is_tls(),
+        trusted_proxies: &gw.config.forwarded_trusted,
+        identity,
+        cookie_name: &gw.config.auth.cookie_name,
+        query_param: &gw.config.auth.query_param,
+        claim_headers: &gw.config.auth.forward_claims,
+        no_extensions,
+    }
+}
+
+/// The CONNECT-password path applies when the upgrade carries no token, the client offers `mqtt`, and the
+/// setting (per route, else global) allows it.
+fn mqtt_password_applies(gw: &Gateway, head: &RequestHead, route: &Route) -> bool {
+    route
+        .mqtt_connect_auth
+        .unwrap_or(gw.config.auth.mqtt_connect_auth)
+        && head
+            .values("Sec-WebSocket-Protocol")
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+}
+
+/// Dials the route's upstream and checks its 101, recording the dial latency or the failure.
+pub(crate) async fn dial(
+    gw: &Gateway,
+    route: &Route,
+    request: &upstream::UpstreamRequest,
+) -> Result<upstream::Connected, UpstreamError> {
+    let started = Instant::now();
+    let result = upstream::connect(route, request, &gw.upstream_tls, gw.config.timeouts.dial).await;
+    match &result {
+        Ok(_) => gw
+            .metrics
+            .upstream_dial_duration
+            .observe(started.elapsed().as_secs_f64()),
+        Err(e) => {
+            gw.metrics
+                .upstream_failures
+                .get_or_create(&[("kind", e.kind())])
+                .inc();
+            gw.metrics
+                .proxy_errors
+                .get_or_create(&[("kind", "upstream")])
+                .inc();
+        }
+    }
+    result
+}
+
+/// Route-level checks, Origin, then the token.
+async fn admit(
+    gw: &Gateway,
+    head: &RequestHead,
+    _route: &Route,
+) -> Result<(Identity, Source), Refusal> {
+    check_upgrade(head)?;
+    let auth = &gw.config.auth;
+    // An Origin that is not text is refused, not taken for a missing one (fail closed).
+    if head
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("Origin") && std::str::from_utf8(&h.value).is_err())
+    {
+        return Err(Refusal::Origin);
+    }
+    match head.single("Origin").map_err(Refusal::Upgrade)? {
+        Some(origin) if !auth.origins.allows(origin) => return Err(Refusal::Origin),
+        None if auth.require_origin => return Err(Refusal::Origin),
+        _ => {}
+    }
+    let (source, token) =
+        find_token(head, &auth.cookie_name, &auth.query_param).ok_or(AuthError::Missing)?;
+    let (result, cached) = gw.verifier.verify_traced(&token).await;
+    gw.metrics
+        .token_cache
+        .get_or_create(&[("result", if cached { "hit" } else { "miss" })])
+        .inc();
+    Ok((result?, source))
+}

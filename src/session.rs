@@ -1,0 +1,101 @@
+//! Session accounting: registering a relayed session, its expiry deadline, and what is counted and logged when
+//! it ends.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::admission::Established;
+use crate::auth::jwt::unix_now;
+use crate::registry::SessionInfo;
+use crate::relay::{Limits, Session};
+use crate::server::Gateway;
+use crate::shutdown::ConnectionGuard;
+
+/// Sets a session up synchronously and returns the future that relays it.
+///
+/// Written as a plain function returning an `async move` block, not as an `async fn`, so the task stores each
+/// piece of state once: an `async fn` keeps its arguments and the locals moved out of them side by side, which
+/// doubled an idle session's task (2,504 bytes for this future before, measured with `size_of_val`).
+pub(crate) fn relay<'a>(
+    gw: &'a Gateway,
+    est: Established<'a>,
+    guard: ConnectionGuard,
+) -> impl Future<Output = ()> + 'a {
+    let Established {
+        client,
+        upstream,
+        client_rest,
+        upstream_rest,
+        peer,
+        route,
+        identity,
+        source,
+        slot,
+    } = est;
+    let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
+    let remaining = (identity.expires_at + leeway - unix_now()).max(0);
+    // The registry keeps who and where; the session's future keeps nothing else of the identity.
+    let registration = gw.registry.register(SessionInfo {
+        subject: identity.subject,
+        token_id: identity.token_id,
+        peer,
+        started: SystemTime::now(),
+    });
+    let expires_at = Instant::now() + Duration::from_secs(u64::try_from(remaining).unwrap_or(0));
+    let limits = Limits {
+        idle: gw.config.timeouts.idle,
+        write: gw.config.timeouts.write,
+        close_grace: gw.config.timeouts.write.min(Duration::from_secs(5)),
+    };
+    let mut session = Session::new(
+        client,
+        upstream,
+        client_rest,
+        upstream_rest,
+        limits,
+        Some(expires_at),
+    );
+    gw.metrics.active_sessions.inc();
+    let info = &registration.control.info;
+    tracing::debug!(event = "session_start", peer = %info.peer, route = %route.prefix,
+        subject = info.subject.as_deref().unwrap_or(""), token_source = source.name(), "session started");
+    let started = Instant::now();
+    async move {
+        let outcome = session.run(gw.signal.clone(), &registration.control).await;
+        let duration = started.elapsed();
+        gw.metrics.active_sessions.dec();
+        gw.metrics.session_duration.observe(duration.as_secs_f64());
+        gw.metrics
+            .relay_bytes
+            .get_or_create(&[("direction", "client_to_upstream")])
+            .inc_by(outcome.client_to_upstream);
+        gw.metrics
+            .relay_bytes
+            .get_or_create(&[("direction", "upstream_to_client")])
+            .inc_by(outcome.upstream_to_client);
+        gw.metrics
+            .session_closes
+            .get_or_create(&[("reason", outcome.reason.label())])
+            .inc();
+        let info = &registration.control.info;
+        tracing::info!(
+            event = "session_end",
+            peer = %info.peer,
+            route = %route.prefix,
+            subject = info.subject.as_deref().unwrap_or(""),
+            token_source = source.name(),
+            duration_ms = duration.as_millis() as u64,
+            bytes_client_to_upstream = outcome.client_to_upstream,
+            bytes_upstream_to_client = outcome.upstream_to_client,
+            close_reason = outcome.reason.label(),
+            close_code = outcome.reason.close().map_or(0, |c| c.code),
+            "session ended"
+        );
+        drop(session);
+        drop(registration);
+        drop(slot);
+        drop(guard);
+    }
+}
