@@ -206,3 +206,30 @@ upstream_ws_url = \"{}\"\nws_idle_timeout_seconds = 1\ntls_cert_file = \"{}\"\nt
     let (code, _) = next_close(&mut ws).await;
     assert_eq!(code, 1001);
 }
+
+/// Every key of `scripts/config.example.toml`, commented out or not, is a real setting that survives the merge of
+/// file under flags: a key the merge forgot would leave the merged settings equal to the defaults.
+#[test]
+fn every_key_of_the_example_file_reaches_the_settings() {
+    let text = include_str!("../scripts/config.example.toml");
+    let mut keys = 0;
+    for line in text.lines() {
+        let line = line.trim_start_matches("# ");
+        let Some((key, value)) = line.split_once(" = ") else {
+            continue;
+        };
+        if !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            continue;
+        }
+        keys += 1;
+        let file: ws_gateway::Settings =
+            toml::from_str(&format!("{key} = {value}")).unwrap_or_else(|e| panic!("{key}: {e}"));
+        let merged = ws_gateway::Settings::default().merge(file);
+        assert_ne!(
+            format!("{merged:?}"),
+            format!("{:?}", ws_gateway::Settings::default()),
+            "{key} was dropped by the merge"
+        );
+    }
+    assert!(keys >= 40, "only {keys} keys found");
+}
