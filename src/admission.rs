@@ -307,5 +307,8 @@ async fn admit(
         .token_cache
         .get_or_create(&[("result", if cached { "hit" } else { "miss" })])
         .inc();
-    Ok((result?, source))
+    // After the cache: a cached token is still checked against the revocations.
+    let identity = result?;
+    gw.check_revocation(&identity)?;
+    Ok((identity, source))
 }

@@ -20,6 +20,7 @@ use crate::auth::Algorithm;
 use crate::net::WsUrl;
 use crate::proxy_protocol::Cidr;
 use crate::route::RouteTable;
+use crate::store::StoreConfig;
 
 /// A configuration problem, naming the setting it is about.
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +360,38 @@ pub struct Settings {
     #[arg(long, env = "DRAIN_SPREAD_SECONDS", value_name = "SECONDS")]
     pub drain_spread_seconds: Option<u64>,
 
+    /// Where revocations are shared: memory, redis or postgres [default: redis with REDIS_URL, else postgres with
+    /// POSTGRES_DSN, else memory].
+    #[arg(long, env = "STATE_STORE", value_name = "STORE")]
+    pub state_store: Option<String>,
+
+    /// The Go gateway's name for STATE_STORE (accepted, with a warning).
+    #[arg(long, env = "JWT_CACHE_STORE", value_name = "STORE", hide = true)]
+    pub jwt_cache_store: Option<String>,
+
+    /// How long a revocation lasts when the revoked token's expiry is unknown (and every subject revocation)
+    /// [default: 86400].
+    #[arg(long, env = "REVOCATION_MAX_TTL_SECONDS", value_name = "SECONDS")]
+    pub revocation_max_ttl_seconds: Option<u64>,
+
+    /// While the state store is unreachable: `open` keeps authenticating against the local copy of the
+    /// revocations, `closed` answers 503 [default: open].
+    #[arg(long, env = "REVOCATION_FAIL_MODE", value_name = "MODE")]
+    pub revocation_fail_mode: Option<String>,
+
+    /// File holding the admin API's bearer secret (compared in constant time).
+    #[arg(long, env = "ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Role an admin JWT must carry (in scope, scp, roles, realm_access.roles or resource_access.*.roles)
+    /// [default: ws-gateway-admin].
+    #[arg(long, env = "ADMIN_REQUIRED_ROLE", value_name = "ROLE")]
+    pub admin_required_role: Option<String>,
+
+    /// Client id that back-channel logout tokens must name in `aud` [default: one of JWT_EXPECTED_AUDIENCE].
+    #[arg(long, env = "OIDC_CLIENT_ID", value_name = "ID")]
+    pub oidc_client_id: Option<String>,
+
     /// Listen with SO_REUSEPORT, so a new process can bind the same port while the old one drains.
     #[arg(long, env = "REUSE_PORT", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
@@ -441,6 +474,13 @@ impl Settings {
             max_pending_handshakes,
             drain_spread_seconds,
             reuse_port,
+            state_store,
+            jwt_cache_store,
+            revocation_max_ttl_seconds,
+            revocation_fail_mode,
+            admin_token_file,
+            admin_required_role,
+            oidc_client_id,
         } = file;
         Settings {
             config: self.config,
@@ -497,6 +537,15 @@ impl Settings {
             max_pending_handshakes: self.max_pending_handshakes.or(max_pending_handshakes),
             drain_spread_seconds: self.drain_spread_seconds.or(drain_spread_seconds),
             reuse_port: self.reuse_port.or(reuse_port),
+            state_store: self.state_store.or(state_store),
+            jwt_cache_store: self.jwt_cache_store.or(jwt_cache_store),
+            revocation_max_ttl_seconds: self
+                .revocation_max_ttl_seconds
+                .or(revocation_max_ttl_seconds),
+            revocation_fail_mode: self.revocation_fail_mode.or(revocation_fail_mode),
+            admin_token_file: self.admin_token_file.or(admin_token_file),
+            admin_required_role: self.admin_required_role.or(admin_required_role),
+            oidc_client_id: self.oidc_client_id.or(oidc_client_id),
         }
     }
 
@@ -727,6 +776,101 @@ impl Settings {
             "MAX_PENDING_HANDSHAKES (--max-pending-handshakes)",
         )? as usize;
 
+        let redis_url = self.redis_url.clone().filter(|s| !s.is_empty());
+        let postgres_dsn = self.postgres_dsn.clone().filter(|s| !s.is_empty());
+        let store_alias = self.state_store.is_none() && self.jwt_cache_store.is_some();
+        let (store_setting, store_name) = match (&self.state_store, &self.jwt_cache_store) {
+            (Some(s), _) => (
+                "STATE_STORE (--state-store)",
+                Some(s.trim().to_ascii_lowercase()),
+            ),
+            (None, Some(s)) => ("JWT_CACHE_STORE", Some(s.trim().to_ascii_lowercase())),
+            (None, None) => ("STATE_STORE (--state-store)", None),
+        };
+        let store = match store_name.as_deref().filter(|s| !s.is_empty()) {
+            Some("memory") => StoreConfig::Memory,
+            Some("redis") => StoreConfig::Redis(
+                redis_url
+                    .clone()
+                    .ok_or_else(|| ConfigError::new(store_setting, "redis needs REDIS_URL"))?,
+            ),
+            Some("postgres") => {
+                StoreConfig::Postgres(postgres_dsn.clone().ok_or_else(|| {
+                    ConfigError::new(store_setting, "postgres needs POSTGRES_DSN")
+                })?)
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    store_setting,
+                    format!("`{other}` is not memory, redis or postgres"),
+                ))
+            }
+            None => match (&redis_url, &postgres_dsn) {
+                (Some(url), _) => StoreConfig::Redis(url.clone()),
+                (None, Some(dsn)) => StoreConfig::Postgres(dsn.clone()),
+                (None, None) => StoreConfig::Memory,
+            },
+        };
+        if let StoreConfig::Postgres(dsn) = &store {
+            dsn.parse::<tokio_postgres::Config>().map_err(|_| {
+                ConfigError::new(
+                    "POSTGRES_DSN (--postgres-dsn)",
+                    "not a valid connection string",
+                )
+            })?;
+        }
+        let revocation_max_ttl = bounded(
+            self.revocation_max_ttl_seconds.unwrap_or(86_400),
+            1,
+            MAX_SECONDS * 52,
+            "REVOCATION_MAX_TTL_SECONDS (--revocation-max-ttl-seconds)",
+        )?;
+        let fail_closed = match self
+            .revocation_fail_mode
+            .as_deref()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("open") => false,
+            Some("closed") => true,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "REVOCATION_FAIL_MODE (--revocation-fail-mode)",
+                    "must be open or closed",
+                ))
+            }
+        };
+        let admin_token = match &self.admin_token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(
+                        "ADMIN_TOKEN_FILE (--admin-token-file)",
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                let secret = text.trim().to_owned();
+                if secret.len() < 16 {
+                    return Err(ConfigError::new(
+                        "ADMIN_TOKEN_FILE (--admin-token-file)",
+                        "the secret must be at least 16 characters",
+                    ));
+                }
+                Some(Secret(secret))
+            }
+            None => None,
+        };
+        // Admin JWTs are accepted once the admin API is turned on: by ADMIN_REQUIRED_ROLE, or by ADMIN_TOKEN_FILE
+        // (then with the default role). With neither, the write endpoints stay off.
+        let admin_role = match self
+            .admin_required_role
+            .clone()
+            .map(|s| s.trim().to_owned())
+        {
+            Some(role) if !role.is_empty() => Some(role),
+            _ if admin_token.is_some() => Some("ws-gateway-admin".to_owned()),
+            _ => None,
+        };
+
         let default_listen = if self.dev {
             "127.0.0.1:8443"
         } else {
@@ -814,6 +958,13 @@ impl Settings {
             forwarded_trusted,
             max_pending_handshakes,
             reuse_port: self.reuse_port.unwrap_or(false),
+            store,
+            store_alias,
+            revocation_max_ttl: i64::try_from(revocation_max_ttl).unwrap_or(i64::MAX),
+            fail_closed,
+            admin_token,
+            admin_role,
+            oidc_client_id: self.oidc_client_id.filter(|s| !s.is_empty()),
             redis_url: self.redis_url.filter(|s| !s.is_empty()),
             postgres_dsn: self.postgres_dsn.filter(|s| !s.is_empty()),
             log_format: self.log_format.unwrap_or_default(),
@@ -870,6 +1021,16 @@ fn parse_claim_header(pair: &str) -> Result<(String, String), String> {
         return Err(format!("`{pair}` is not claim=Header-Name"));
     }
     Ok((claim.to_owned(), header.to_owned()))
+}
+
+/// A secret read from a file: its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// The certificate and key files of the TLS listener.
@@ -970,6 +1131,20 @@ pub struct Config {
     pub max_pending_handshakes: usize,
     /// Listen with SO_REUSEPORT.
     pub reuse_port: bool,
+    /// Where revocations are shared.
+    pub store: StoreConfig,
+    /// The store was chosen with the Go name `JWT_CACHE_STORE`.
+    pub store_alias: bool,
+    /// Seconds a revocation lasts when the token's expiry is unknown.
+    pub revocation_max_ttl: i64,
+    /// Answer 503 while the store is unreachable.
+    pub fail_closed: bool,
+    /// The admin API's bearer secret.
+    pub admin_token: Option<Secret>,
+    /// Role an admin JWT must carry; `None` (with no admin token either) keeps the admin API off.
+    pub admin_role: Option<String>,
+    /// `aud` a back-channel logout token must contain.
+    pub oidc_client_id: Option<String>,
     /// Reserved for revocation.
     pub redis_url: Option<String>,
     /// Reserved for revocation.

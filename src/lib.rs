@@ -40,10 +40,12 @@ pub mod proxy_protocol;
 pub mod refusal;
 pub mod registry;
 pub mod relay;
+pub mod revocation;
 pub mod route;
 pub mod server;
 mod session;
 pub mod shutdown;
+pub mod store;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
@@ -65,6 +67,9 @@ pub enum StartError {
     /// `--dev` setup.
     #[error("dev mode: {0}")]
     Dev(String),
+    /// The shared state store's URL or DSN.
+    #[error("state store: {0}")]
+    Store(String),
     /// The listeners' addresses could not be read.
     #[error("listener: {0}")]
     Listener(#[from] std::io::Error),
@@ -164,12 +169,19 @@ pub async fn run(
     if config.auth.origins.is_empty() {
         tracing::warn!(event = "origins_unset", "WS_ALLOWED_ORIGINS is not set: every request that carries an Origin (all browsers) is refused");
     }
-    if config.redis_url.is_some() || config.postgres_dsn.is_some() {
-        tracing::info!(
-            event = "reserved_settings",
-            "REDIS_URL / POSTGRES_DSN accepted; revocation is not implemented yet"
+    if config.store_alias {
+        tracing::warn!(
+            event = "deprecated_setting",
+            setting = "JWT_CACHE_STORE",
+            "JWT_CACHE_STORE is the Go gateway's name; use STATE_STORE"
         );
     }
+    let store = store::Store::new(
+        &config.store,
+        config.revocation_max_ttl,
+        Arc::clone(&metrics),
+    )
+    .map_err(StartError::Store)?;
 
     let gw = Arc::new(server::Gateway {
         config: config.clone(),
@@ -181,7 +193,28 @@ pub async fn run(
         signal: drain.signal(),
         sessions: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
         pending: pending::Pending::new(config.max_pending_handshakes, usize::MAX),
+        revocations: Arc::new(revocation::Revocations::default()),
+        store: Arc::clone(&store),
+        logout_jtis: admin::SeenLogoutTokens::default(),
     });
+    {
+        let gw = Arc::clone(&gw);
+        let apply: store::Apply = Arc::new(move |rev| {
+            gw.apply_revocation(&rev, "peer");
+        });
+        tokio::spawn(Arc::clone(&store).run(apply));
+    }
+    {
+        // Expired revocations are forgotten once a minute.
+        let revocations = Arc::clone(&gw.revocations);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                revocations.purge(auth::jwt::unix_now());
+            }
+        });
+    }
     let extras = Arc::new(admin::Extras {
         json: dev_setup
             .as_ref()
@@ -201,7 +234,8 @@ pub async fn run(
     tokio::spawn(server::serve(listener, Arc::clone(&gw), drain.guards()));
 
     tracing::info!(event = "started", listen = %config.listen, admin = %config.admin_listen, tls = cert.is_some(),
-        routes = config.routes.len(), max_connections = config.max_connections, version = env!("CARGO_PKG_VERSION"), "ws-gateway started");
+        routes = config.routes.len(), max_connections = config.max_connections, state_store = config.store.kind(),
+        version = env!("CARGO_PKG_VERSION"), "ws-gateway started");
     if let Some(setup) = &dev_setup {
         eprintln!("{}", dev::banner(&config, setup));
     }

@@ -61,6 +61,12 @@ pub struct Metrics {
     pub evictions: Family<Labels1, Counter>,
     /// Reloaded certificates that clients will refuse, by kind (`expired`, `not_yet_valid`).
     pub cert_warnings: Family<Labels1, Counter>,
+    /// Revocations applied, by kind (`sub`, `jti`, `sid`) and origin (`api`, `backchannel`, `peer`).
+    pub revocations: Family<Labels2, Counter>,
+    /// 1 while the shared state store is reachable.
+    pub store_up: Gauge,
+    /// Times the shared state store was lost.
+    pub store_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -96,6 +102,9 @@ impl Metrics {
             token_cache: Family::default(),
             evictions: Family::default(),
             cert_warnings: Family::default(),
+            revocations: Family::default(),
+            store_up: Gauge::default(),
+            store_reconnects: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,6 +207,21 @@ impl Metrics {
             "ws_cert_reload_warnings",
             "Reloaded certificates that are expired or not yet valid",
             m.cert_warnings.clone(),
+        );
+        registry.register(
+            "ws_revocations",
+            "Revocations applied, by kind and origin",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "ws_state_store_up",
+            "1 while the shared state store is reachable",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "ws_state_store_reconnects",
+            "Times the shared state store was lost",
+            m.store_reconnects.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -296,7 +296,11 @@ pub(crate) async fn session<'a>(
         .and_then(|p| std::str::from_utf8(p).ok())
         .filter(|t| !t.is_empty());
     let verified = match token {
-        Some(t) => gw.verifier.verify(t).await,
+        Some(t) => gw
+            .verifier
+            .verify(t)
+            .await
+            .and_then(|i| gw.check_revocation(&i).map(|()| i)),
         None => Err(AuthError::Missing),
     };
     let identity = match verified {

@@ -90,6 +90,11 @@ impl Refusal {
                     .header("Sec-WebSocket-Version", "13"),
                 UpgradeError::Key => Response::new(400, "missing or invalid Sec-WebSocket-Key"),
             },
+            Refusal::Auth(AuthError::StoreDown) => Response::new(
+                503,
+                "authentication unavailable: the revocation store is unreachable",
+            )
+            .header("Retry-After", "5"),
             Refusal::Auth(AuthError::NoKeys) => Response::new(
                 503,
                 "authentication unavailable: signing keys not loaded yet",

@@ -64,6 +64,14 @@ pub struct SessionInfo {
     pub subject: Option<String>,
     /// `jti` of the token.
     pub token_id: Option<String>,
+    /// `sid` of the token.
+    pub session_id: Option<String>,
+    /// `iat` of the token.
+    pub issued_at: Option<i64>,
+    /// `exp` of the token.
+    pub expires_at: i64,
+    /// The route's prefix.
+    pub route: String,
     /// Client address.
     pub peer: SocketAddr,
     /// When the relay started.
@@ -121,7 +129,21 @@ impl Registry {
         self.close_where(|i| i.token_id.as_deref() == Some(token_id), request)
     }
 
-    fn close_where(&self, pick: impl Fn(&SessionInfo) -> bool, request: CloseRequest) -> usize {
+    /// What the registry knows of the sessions `pick` selects.
+    pub fn sessions_where(&self, pick: impl Fn(&SessionInfo) -> bool) -> Vec<SessionInfo> {
+        self.sessions.lock().map_or_else(
+            |_| Vec::new(),
+            |s| {
+                s.values()
+                    .filter(|c| pick(&c.info))
+                    .map(|c| c.info.clone())
+                    .collect()
+            },
+        )
+    }
+
+    /// Closes every session `pick` selects; returns how many.
+    pub fn close_where(&self, pick: impl Fn(&SessionInfo) -> bool, request: CloseRequest) -> usize {
         let Ok(s) = self.sessions.lock() else {
             return 0;
         };
@@ -156,6 +178,10 @@ mod tests {
         let info = |s: &str| SessionInfo {
             subject: Some(s.into()),
             token_id: Some(format!("{s}-jti")),
+            session_id: None,
+            issued_at: None,
+            expires_at: 0,
+            route: "/".into(),
             peer: SocketAddr::from(([127, 0, 0, 1], 1)),
             started: SystemTime::now(),
         };

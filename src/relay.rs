@@ -591,6 +591,10 @@ mod tests {
         SessionControl::new(crate::registry::SessionInfo {
             subject: None,
             token_id: None,
+            session_id: None,
+            issued_at: None,
+            expires_at: 0,
+            route: "/".into(),
             peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
             started: std::time::SystemTime::now(),
         })

@@ -11,12 +11,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::SeenLogoutTokens;
 use crate::auth::jwt::Verifier;
+use crate::auth::{AuthError, Identity};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pending::{Pending, Ticket};
 use crate::registry::Registry;
+use crate::revocation::{close_matching, Revocation, Revocations};
 use crate::shutdown::{ConnectionGuard, Guards, Phase, Signal};
+use crate::store::Store;
 
 /// Everything a connection needs, shared by all of them.
 pub struct Gateway {
@@ -38,6 +42,12 @@ pub struct Gateway {
     pub sessions: Arc<Semaphore>,
     /// Connections still in their handshake (`MAX_PENDING_HANDSHAKES`); the oldest is evicted when full.
     pub pending: Arc<Pending>,
+    /// The local copy of the active revocations, consulted at admission.
+    pub revocations: Arc<Revocations>,
+    /// The shared state store revocations are published to.
+    pub store: Arc<Store>,
+    /// Back-channel logout token ids already used.
+    pub logout_jtis: SeenLogoutTokens,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -50,6 +60,39 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
+    /// Applies a revocation here: into the local copy, and Close 1008 "token revoked" to every matching live
+    /// session. A revocation heard back from the store that changes nothing is not counted again. Returns how many
+    /// sessions were closed.
+    pub fn apply_revocation(&self, rev: &Revocation, origin: &'static str) -> usize {
+        let now = crate::auth::jwt::unix_now();
+        let changed = self.revocations.insert(rev.clone(), now);
+        if !changed && origin == "peer" {
+            return 0;
+        }
+        self.metrics
+            .revocations
+            .get_or_create(&[("kind", rev.target.kind()), ("origin", origin)])
+            .inc();
+        close_matching(&self.registry, rev)
+    }
+
+    /// Refuses a verified identity that a revocation matches, or any while the store is down in fail-closed mode.
+    ///
+    /// # Errors
+    /// [`AuthError::Revoked`] or [`AuthError::StoreDown`].
+    pub fn check_revocation(&self, identity: &Identity) -> Result<(), AuthError> {
+        if self
+            .revocations
+            .is_revoked(identity, crate::auth::jwt::unix_now())
+        {
+            return Err(AuthError::Revoked);
+        }
+        if self.config.fail_closed && !self.store.is_up() {
+            return Err(AuthError::StoreDown);
+        }
+        Ok(())
+    }
+
     /// Readiness: keys loaded and not draining.
     #[must_use]
     pub fn is_ready(&self) -> bool {

@@ -40,6 +40,10 @@ pub(crate) fn relay<'a>(
     let registration = gw.registry.register(SessionInfo {
         subject: identity.subject,
         token_id: identity.token_id,
+        session_id: identity.session_id,
+        issued_at: identity.issued_at,
+        expires_at: identity.expires_at,
+        route: route.prefix.clone(),
         peer,
         started: SystemTime::now(),
     });

@@ -221,10 +221,10 @@ pub fn normalize_path(path: &str) -> Result<(), UpgradeError> {
                 match h * 16 + l {
                     0x2f | 0x5c => return Err(UpgradeError::Malformed("encoded slash in path")),
                     0x00 => return Err(UpgradeError::Malformed("encoded NUL in path")),
-                    // `%25` followed by two hex digits decodes to a new escape: double encoding.
-                    0x25 if hex(bytes.get(i + 3)).is_some() && hex(bytes.get(i + 4)).is_some() => {
-                        return Err(UpgradeError::Malformed("double percent-encoding in path"))
-                    }
+                    // An encoded dot only ever serves to hide a dot segment from one decoder.
+                    0x2e => return Err(UpgradeError::Malformed("encoded dot in path")),
+                    // An encoded `%` starts a second round of decoding (`%252e`, `%25%32%65`): double encoding.
+                    0x25 => return Err(UpgradeError::Malformed("double percent-encoding in path")),
                     _ => {}
                 }
                 i += 3;
@@ -389,15 +389,18 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             let err = parse_head(raw.as_bytes()).expect_err(bad);
             assert_eq!(Refusal::Upgrade(err).http().status, 400, "{bad}");
         }
-        for good in [
-            "/",
-            "/mqtt",
-            "/a/b.c/..d/...",
-            "/a%20b",
+        for bad in [
+            "/a%2eb",
+            "/%25%32%65%25%32%65/x",
+            "/%252%65%252%65/x",
+            "/%25%32%66",
+            "/%25%35%63",
+            "/%25%30%30",
             "/a/%25",
-            "/a/%25x",
-            "/a/;b",
         ] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+        for good in ["/", "/mqtt", "/a/b.c/..d/...", "/a%20b", "/a/;b", "/a/%3b"] {
             assert_eq!(normalize_path(good), Ok(()), "{good}");
         }
     }

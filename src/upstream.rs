@@ -355,6 +355,8 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
         let identity = Identity {
             subject: Some("alice".into()),
             token_id: None,
+            session_id: None,
+            issued_at: None,
             expires_at: 0,
             forwarded: vec![],
         };

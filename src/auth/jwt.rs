@@ -158,6 +158,7 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
     let claims: serde_json::Map<String, Value> =
         serde_json::from_slice(payload).map_err(|_| AuthError::Malformed)?;
     let exp = numeric_date(claims.get("exp"))?.ok_or(AuthError::MissingExp)?;
+    let iat = numeric_date(claims.get("iat"))?;
     if now - policy.leeway >= exp {
         return Err(AuthError::Expired);
     }
@@ -166,7 +167,7 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
             return Err(AuthError::NotYetValid);
         }
     }
-    if let Some(iat) = numeric_date(claims.get("iat"))? {
+    if let Some(iat) = iat {
         if now + policy.leeway < iat {
             return Err(AuthError::IssuedInFuture);
         }
@@ -221,6 +222,8 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
     Ok(Identity {
         subject: clean(claims.get("sub")),
         token_id: clean(claims.get("jti")),
+        session_id: clean(claims.get("sid")),
+        issued_at: iat,
         expires_at: exp,
         forwarded,
     })
@@ -365,6 +368,30 @@ impl Verifier {
             }
             Err(e) => (Err(e), false),
         }
+    }
+
+    /// The signature check alone (bounds, header policy, key, signature), returning the claims for a caller that
+    /// checks them by its own rules: back-channel logout tokens and admin tokens. Nothing is cached.
+    ///
+    /// # Errors
+    /// Any [`AuthError`] of the structural and signature steps; `Malformed` when the payload is not a JSON object.
+    pub async fn verify_signature(
+        &self,
+        token: &str,
+    ) -> Result<serde_json::Map<String, Value>, AuthError> {
+        let parsed = parse(token, &self.policy)?;
+        let key = self.find_key(&parsed).await?;
+        if !key.fits(parsed.alg) {
+            return Err(AuthError::KeyMismatch);
+        }
+        if !key.verify(
+            parsed.alg,
+            parsed.signing_input.as_bytes(),
+            &parsed.signature,
+        ) {
+            return Err(AuthError::Signature);
+        }
+        serde_json::from_slice(&parsed.payload).map_err(|_| AuthError::Malformed)
     }
 
     /// Full verification, bypassing the cache.

@@ -131,6 +131,12 @@ pub enum AuthError {
     /// No keys loaded yet (IdP not reached since start).
     #[error("signing keys not loaded yet")]
     NoKeys,
+    /// The token matches a revocation (by `sub`, `jti` or `sid`).
+    #[error("token revoked")]
+    Revoked,
+    /// `REVOCATION_FAIL_MODE=closed` and the shared store is unreachable.
+    #[error("revocation store unavailable")]
+    StoreDown,
     /// The JOSE `typ` is not `JWT_REQUIRED_TYP` (an ID token where an access token is expected).
     #[error("wrong token type")]
     Type,
@@ -156,6 +162,8 @@ impl AuthError {
             AuthError::Audience => "audience",
             AuthError::NoKeys => "no_keys",
             AuthError::Type => "typ",
+            AuthError::Revoked => "revoked",
+            AuthError::StoreDown => "store_down",
         }
     }
 }
@@ -167,6 +175,10 @@ pub struct Identity {
     pub subject: Option<String>,
     /// `jti`, if present.
     pub token_id: Option<String>,
+    /// `sid` (the IdP's login session), if present: what back-channel logout names.
+    pub session_id: Option<String>,
+    /// `iat`, if present: a subject revocation refuses tokens issued at or before it.
+    pub issued_at: Option<i64>,
     /// `exp`, seconds since the epoch.
     pub expires_at: i64,
     /// Values of the configured forwarded claims, as `(header, value)`.

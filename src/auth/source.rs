@@ -143,7 +143,8 @@ pub fn strip_query(query: &str, param: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
-fn percent_decode(s: &str) -> String {
+/// Percent-decodes a query or form component (`+` is a space); invalid escapes stay as they are.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (liveness), `/readyz` (readiness: keys loaded and not draining) and `/metrics`
-//! (OpenMetrics text), served by hyper. In `--dev` it also serves the dev JWKS. Off the data path; one request per
+//! (OpenMetrics text), open to anyone who reaches the port; the authenticated admin API and OIDC back-channel
+//! logout ([`api`]). Served by hyper. In `--dev` it also serves the dev JWKS. Off the data path; one request per
 //! connection.
 //!
 //! Connections are accepted at once and registered in a [`Pending`] set until their request head arrives: beyond
@@ -18,6 +19,10 @@ use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+
+mod api;
+
+pub use api::SeenLogoutTokens;
 
 use crate::pending::Pending;
 use crate::server::Gateway;
@@ -69,8 +74,16 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>)
                 if let Ok(mut t) = ticket.lock() {
                     t.take();
                 }
-                let resp = answer(&gw, &extras, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
+                let gw = Arc::clone(&gw);
+                let extras = Arc::clone(&extras);
+                async move {
+                    let resp = if api::handles(req.uri().path()) {
+                        api::serve(gw, req).await
+                    } else {
+                        answer(&gw, &extras, req.method(), req.uri().path())
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
