@@ -18,6 +18,11 @@ need_apt() { # need_apt COMMAND PACKAGE...
 }
 # The Rust tests need neither; the broker/browser tests and the benchmark make their certificates with openssl.
 need_apt openssl openssl
+# The revocation tests start private Redis and PostgreSQL servers (tests/common/stores.rs). Installing the packages
+# may start the system services on their default ports; the tests never use those.
+need_apt redis-server redis-server
+need_apt redis-cli redis-tools
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt __postgresql_missing__ postgresql
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
@@ -56,6 +61,8 @@ stage() { # stage NAME COMMAND...
 stage build cargo build --locked --all-targets
 stage cargo-test cargo test --locked --no-fail-fast
 stage manifests bash scripts/check-manifests.sh
+# A short bounded pass over every fuzz target (nightly toolchain, cargo-fuzz installed when missing).
+stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" bash scripts/fuzz.sh
 [ -f scripts/e2e.sh ] && stage e2e bash scripts/e2e.sh
 [ -f scripts/bench.sh ] && stage bench-smoke env QUICK=1 bash scripts/bench.sh
 

@@ -29,7 +29,10 @@ fn reference_ends(stream: &[u8]) -> (Vec<usize>, bool) {
             }
             Ok(None) => break,
             Err(e) => {
-                assert_eq!(e, "frame too large", "only the size can be refused once RSV bits are clear");
+                assert_eq!(
+                    e, "frame too large",
+                    "only the size can be refused once RSV bits are clear"
+                );
                 break;
             }
         }

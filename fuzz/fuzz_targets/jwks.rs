@@ -37,8 +37,16 @@ fuzz_target!(|data: &[u8]| {
         .filter_map(|k| Jwk::from_json(k).ok().flatten())
         .collect();
     match &set {
-        Ok(set) => assert_eq!(set.len(), keys.len(), "KeySet kept a different number of keys"),
-        Err(_) => assert!(keys.is_empty(), "KeySet refused a document with {} usable keys", keys.len()),
+        Ok(set) => assert_eq!(
+            set.len(),
+            keys.len(),
+            "KeySet kept a different number of keys"
+        ),
+        Err(_) => assert!(
+            keys.is_empty(),
+            "KeySet refused a document with {} usable keys",
+            keys.len()
+        ),
     }
     for key in &keys {
         for alg in ALGORITHMS {
@@ -47,14 +55,19 @@ fuzz_target!(|data: &[u8]| {
             let _ = key.verify(alg, msg, sig);
         }
         if let (Ok(set), Some(kid)) = (&set, key.kid.as_deref()) {
-            let found = set.find(Some(kid), Algorithm::RS256).expect("a key is found by its kid");
+            let found = set
+                .find(Some(kid), Algorithm::RS256)
+                .expect("a key is found by its kid");
             assert_eq!(found.kid.as_deref(), Some(kid));
         }
     }
     if let Ok(set) = &set {
         for alg in ALGORITHMS {
             if let Some(found) = set.find(None, alg) {
-                assert!(found.fits(alg), "find(None, {alg}) returned a key that does not fit");
+                assert!(
+                    found.fits(alg),
+                    "find(None, {alg}) returned a key that does not fit"
+                );
             }
         }
     }

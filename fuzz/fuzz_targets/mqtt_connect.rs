@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(c)) = &full {
         assert!(matches!(c.level, 3..=5), "level {}", c.level);
         let len = packet_len(data).expect("a parsed CONNECT has a remaining length");
-        assert!(len <= data.len() && len <= 5 + MAX_CONNECT_BYTES, "packet of {len} bytes");
+        assert!(
+            len <= data.len() && len <= 5 + MAX_CONNECT_BYTES,
+            "packet of {len} bytes"
+        );
         if let Some(p) = &c.password {
             assert!(p.len() < len);
         }

@@ -11,7 +11,11 @@ fn decode(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        match (s[i], s.get(i + 1).copied().and_then(hex), s.get(i + 2).copied().and_then(hex)) {
+        match (
+            s[i],
+            s.get(i + 1).copied().and_then(hex),
+            s.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 // Invariant: two hex digits fit in a byte.
                 out.push((h * 16 + l) as u8);
@@ -28,14 +32,17 @@ fn decode(s: &[u8]) -> Vec<u8> {
 
 /// Why `decoded` (the path after `round` decodings) means something other than `path`, if it does.
 fn ambiguity(path: &str, decoded: &[u8]) -> Option<&'static str> {
-    let slashes = |b: &[u8]| b.iter().filter(|c| **c == b'/').count();
-    if slashes(decoded) != slashes(path.as_bytes()) {
+    let adds = |byte: u8| {
+        let count = |b: &[u8]| b.iter().filter(|c| **c == byte).count();
+        count(decoded) > count(path.as_bytes())
+    };
+    if adds(b'/') {
         return Some("decoding adds a slash");
     }
-    if decoded.contains(&b'\\') {
+    if adds(b'\\') {
         return Some("decoding adds a backslash");
     }
-    if decoded.contains(&0) {
+    if adds(0) {
         return Some("decoding adds a NUL");
     }
     for seg in decoded.split(|c| *c == b'/') {
@@ -61,15 +68,24 @@ fuzz_target!(|data: &[u8]| {
     // The meaning after one decoding (every server) and after two (double-decoding servers and proxies).
     let once = decode(path.as_bytes());
     if let Some(why) = ambiguity(path, &once) {
-        panic!("accepted {path:?}: {why} after one decoding: {:?}", String::from_utf8_lossy(&once));
+        panic!(
+            "accepted {path:?}: {why} after one decoding: {:?}",
+            String::from_utf8_lossy(&once)
+        );
     }
     let twice = decode(&once);
     if let Some(why) = ambiguity(path, &twice) {
-        panic!("accepted {path:?}: {why} after two decodings: {:?}", String::from_utf8_lossy(&twice));
+        panic!(
+            "accepted {path:?}: {why} after two decodings: {:?}",
+            String::from_utf8_lossy(&twice)
+        );
     }
     // The rule as stated: no dot segment, no backslash, no encoded slash, backslash or dot.
     assert!(!path.contains("/../"), "accepted {path:?}: contains /../");
-    assert!(!path.contains('\\'), "accepted {path:?}: contains a backslash");
+    assert!(
+        !path.contains('\\'),
+        "accepted {path:?}: contains a backslash"
+    );
     let lower = path.to_ascii_lowercase();
     for enc in ["%2f", "%5c", "%2e"] {
         assert!(!lower.contains(enc), "accepted {path:?}: contains {enc}");

@@ -9,7 +9,11 @@ mod common;
 fuzz_target!(|data: &[u8]| {
     let full = parse(data);
     if let Ok(Some((_, used))) = &full {
-        assert!(*used >= 15 && *used <= data.len(), "used {used} of {}", data.len());
+        assert!(
+            *used >= 15 && *used <= data.len(),
+            "used {used} of {}",
+            data.len()
+        );
         // The header alone gives the same answer: the ClientHello after it plays no part.
         assert_eq!(parse(&data[..*used]), full);
     }

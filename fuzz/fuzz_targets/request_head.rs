@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
     let full = parse_head(data);
     match &full {
         Ok(Some((head, used))) => {
-            assert!(*used > 0 && *used <= data.len(), "used {used} of {}", data.len());
+            assert!(
+                *used > 0 && *used <= data.len(),
+                "used {used} of {}",
+                data.len()
+            );
             // The head alone parses to the same head: what follows it is not part of it.
             let (again, used_again) = parse_head(&data[..*used])
                 .expect("the head alone parses")
@@ -29,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
 
             let path = head.path();
             assert!(path.starts_with('/'), "{path:?}");
-            assert_eq!(normalize_path(path), Ok(()), "an accepted head has a clean path");
+            assert_eq!(
+                normalize_path(path),
+                Ok(()),
+                "an accepted head has a clean path"
+            );
             match head.query() {
                 Some(q) => assert_eq!(head.target, format!("{path}?{q}")),
                 None => assert_eq!(head.target, path),
@@ -46,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(None) => {}
         Err(e) => {
-            let _ = (e.kind(), e.response().to_bytes("text/plain"));
+            let _ = e.kind();
         }
     }
     // The reader parses a growing buffer: an answer given on fewer bytes must be the answer on all of them, or a
