@@ -1229,6 +1229,87 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_bounded_and_zero_refetch_is_refused() {
+        let base = [
+            "--upstream-ws-url",
+            "ws://a/",
+            "--jwks-url",
+            "http://idp/jwks",
+        ];
+        for (flag, value, setting) in [
+            (
+                "--ws-idle-timeout-seconds",
+                "18446744073709551615",
+                "WS_IDLE_TIMEOUT_SECONDS",
+            ),
+            (
+                "--handshake-timeout-seconds",
+                "604801",
+                "HANDSHAKE_TIMEOUT_SECONDS",
+            ),
+            (
+                "--graceful-drain-timeout-seconds",
+                "99999999999",
+                "GRACEFUL_DRAIN_TIMEOUT_SECONDS",
+            ),
+            (
+                "--jwks-refetch-interval-seconds",
+                "0",
+                "JWKS_REFETCH_INTERVAL_SECONDS",
+            ),
+            ("--jwks-ttl-minutes", "0", "JWKS_TTL_MINUTES"),
+            ("--jwt-leeway-seconds", "86401", "JWT_LEEWAY_SECONDS"),
+            ("--drain-spread-seconds", "31", "DRAIN_SPREAD_SECONDS"),
+        ] {
+            let mut args = base.to_vec();
+            args.extend([flag, value]);
+            let err = parse(&args).resolve().expect_err(flag);
+            assert!(err.setting.contains(setting), "{flag}: {err}");
+            assert!(err.setting.contains(flag), "{flag}: {err}");
+        }
+        let ok = parse(&base).resolve().expect("defaults");
+        assert_eq!(ok.timeouts.drain_spread, Duration::from_secs(5));
+        assert_eq!(ok.auth.jwks_refetch_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_never_echo_secrets() {
+        assert_eq!(
+            redact("postgres_dns = \"postgres://gw:hunter2@db:5432/gw?sslmode=require\""),
+            "postgres_dns = \"postgres://gw:***@db:5432/gw?***\""
+        );
+        assert_eq!(
+            redact("bad url https://idp/jwks?client_secret=s3cr3t here"),
+            "bad url https://idp/jwks?*** here"
+        );
+        assert_eq!(
+            redact("host=db user=gw password='a b' dbname=gw"),
+            "host=db user=gw password=*** dbname=gw"
+        );
+        assert_eq!(
+            redact("redis://:pw@cache:6379/0"),
+            "redis://:***@cache:6379/0"
+        );
+        // A mistyped key in the file: the parser's message quotes the line, which must not carry the password.
+        let dir = std::env::temp_dir().join(format!("wsgw-redact-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "postgres_dns = \"postgres://gw:hunter2@db/gw\"\n").expect("write");
+        let err = Settings::from_file(&file).expect_err("unknown key");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = parse(&[
+            "--upstream-ws-url",
+            "ws://a/",
+            "--jwks-url",
+            "ftp://u:hunter2@idp/x?k=v",
+        ])
+        .resolve()
+        .expect_err("scheme");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn missing_jwks_url_is_an_error() {
         let err = parse(&["--upstream-ws-url", "ws://a/"])
             .resolve()

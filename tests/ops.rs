@@ -439,3 +439,47 @@ async fn proxy_protocol_v1_and_v2_from_trusted_peers_only() {
     assert!(through_proxy(&env, gw.addr, &v1).await.is_none());
     gw.wait_log(&["proxy_untrusted"]).await;
 }
+
+#[tokio::test]
+async fn dev_writes_its_ca_file_privately_and_removes_it_at_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut gw = Gateway::spawn(&["--dev".to_owned()], &[]);
+    gw.wait_ready().await;
+    let path = within(async {
+        loop {
+            let err = gw.stderr.lock().expect("lock").clone();
+            if let Some(p) = err
+                .split_whitespace()
+                .skip_while(|w| *w != "--ca")
+                .nth(1)
+                .map(str::to_owned)
+            {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let name = std::path::Path::new(&path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_owned();
+    assert!(
+        name.starts_with("ws-gateway-dev-") && name.len() > 30,
+        "a random name: {name}"
+    );
+    assert!(
+        !name.contains(&gw.child.id().to_string()),
+        "not the pid: {name}"
+    );
+    let mode = std::fs::metadata(&path)
+        .expect("exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "{path}");
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).success());
+    assert!(!std::path::Path::new(&path).exists(), "{path} left behind");
+}
