@@ -117,12 +117,16 @@ impl PgStore {
         match ready.await {
             Ok(rows) => {
                 for row in rows {
-                    let json = serde_json::json!({
-                        "kind": row.get::<_, String>(0),
-                        "value": row.get::<_, String>(1),
-                        "at": row.get::<_, i64>(2),
-                        "expires_at": row.get::<_, i64>(3),
-                    });
+                    // try_get: a table of the same name with other column types must not panic the process.
+                    let (Ok(kind), Ok(value), Ok(at), Ok(expires_at)) = (
+                        row.try_get::<_, String>(0),
+                        row.try_get::<_, String>(1),
+                        row.try_get::<_, i64>(2),
+                        row.try_get::<_, i64>(3),
+                    ) else {
+                        continue;
+                    };
+                    let json = serde_json::json!({"kind": kind, "value": value, "at": at, "expires_at": expires_at});
                     if let Some(rev) = parse_peer(json.to_string().as_bytes()) {
                         apply(rev);
                     }
