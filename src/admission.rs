@@ -13,7 +13,7 @@ use crate::auth::source::{find_token, Source};
 use crate::auth::{AuthError, Identity};
 use crate::metrics::protocol_label;
 use crate::net::Io;
-use crate::refusal::{refuse, Channel, Refusal, Response};
+use crate::refusal::{Channel, Refusal, Refuser, Response};
 use crate::route::Route;
 use crate::server::Gateway;
 use crate::upgrade::{check_upgrade, read_head, ReadHead, RequestHead, UpgradeError};
@@ -88,6 +88,13 @@ pub(crate) async fn establish(
         None => Io::Plain(tcp),
     };
 
+    let mut at = Refuser {
+        gw,
+        peer,
+        head: None,
+        route: None,
+        channel: Channel::Http,
+    };
     let (head, rest) = match tokio::time::timeout_at(
         deadline,
         read_head(&mut io, gw.config.max_request_head_bytes),
@@ -96,31 +103,10 @@ pub(crate) async fn establish(
     {
         Ok(Ok(Ok(ReadHead::Complete(head, rest)))) => (head, rest),
         Ok(Ok(Ok(ReadHead::Closed))) | Ok(Err(_)) => return None,
-        Ok(Ok(Err(e))) => {
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                None,
-                None,
-                Channel::Http,
-                Refusal::Upgrade(e),
-            )
-            .await
-        }
-        Err(_) => {
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                None,
-                None,
-                Channel::Http,
-                Refusal::HandshakeTimeout,
-            )
-            .await
-        }
+        Ok(Ok(Err(e))) => return at.refuse(&mut io, Refusal::Upgrade(e)).await,
+        Err(_) => return at.refuse(&mut io, Refusal::HandshakeTimeout).await,
     };
+    at.head = Some(&head);
     let started = Instant::now();
 
     if head.path() == "/healthz" {
@@ -133,9 +119,9 @@ pub(crate) async fn establish(
         return None;
     }
     let Some(route) = gw.config.routes.find(head.path()) else {
-        let refusal = Refusal::Upgrade(UpgradeError::NoRoute);
-        return refuse(gw, &mut io, peer, Some(&head), None, Channel::Http, refusal).await;
+        return at.refuse(&mut io, UpgradeError::NoRoute.into()).await;
     };
+    at.route = Some(route);
     let (identity, source) = match admit(gw, &head, route).await {
         Ok(ok) => ok,
         Err(Refusal::Auth(AuthError::Missing)) if mqtt_password_applies(gw, &head, route) => {
@@ -144,52 +130,13 @@ pub(crate) async fn establish(
             ))
             .await;
         }
-        Err(e) => {
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                Some(&head),
-                Some(route),
-                Channel::Http,
-                e,
-            )
-            .await
-        }
+        Err(e) => return at.refuse(&mut io, e).await,
     };
-    gw.metrics.auth_success.inc();
-    let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
-        let refusal = Refusal::Busy;
-        return refuse(
-            gw,
-            &mut io,
-            peer,
-            Some(&head),
-            Some(route),
-            Channel::Http,
-            refusal,
-        )
-        .await;
-    };
-
-    let request =
-        upstream::build_request(&head, route, &forwarding(gw, &io, peer, &identity, false));
-    let connected = match dial(gw, route, &request).await {
-        Ok(c) => c,
-        Err(e) => {
-            let refusal = Refusal::Upstream(e);
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                Some(&head),
-                Some(route),
-                Channel::Http,
-                refusal,
-            )
-            .await;
-        }
-    };
+    let (slot, connected) =
+        match connect_upstream(gw, &io, peer, &head, route, &identity, false).await {
+            Ok(c) => c,
+            Err(e) => return at.refuse(&mut io, e).await,
+        };
     let upstream::Connected {
         io: up,
         response,
@@ -221,7 +168,27 @@ pub(crate) async fn establish(
     })
 }
 
-pub(crate) fn forwarding<'a>(
+/// After authentication, on both paths: a session slot (`MAX_CONNECTIONS`), then the upstream dial and its 101.
+pub(crate) async fn connect_upstream(
+    gw: &Gateway,
+    io: &Io,
+    peer: SocketAddr,
+    head: &RequestHead,
+    route: &Route,
+    identity: &Identity,
+    mqtt: bool,
+) -> Result<(OwnedSemaphorePermit, upstream::Connected), Refusal> {
+    gw.metrics.auth_success.inc();
+    let slot = Arc::clone(&gw.sessions)
+        .try_acquire_owned()
+        .map_err(|_| Refusal::Busy)?;
+    // The MQTT path answered the client's handshake itself, without extensions: offer none upstream either.
+    let request = upstream::build_request(head, route, &forwarding(gw, io, peer, identity, mqtt));
+    let connected = dial(gw, route, &request).await?;
+    Ok((slot, connected))
+}
+
+fn forwarding<'a>(
     gw: &'a Gateway,
     io: &Io,
     peer: SocketAddr,

@@ -4,16 +4,15 @@
 //! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use crate::admission::{dial, forwarding, Established};
+use crate::admission::{connect_upstream, Established};
 use crate::auth::source::Source;
 use crate::auth::AuthError;
 use crate::net::Io;
-use crate::refusal::{refuse, Channel, Refusal};
+use crate::refusal::{Channel, Refusal, Refuser};
 use crate::route::Route;
 use crate::server::Gateway;
 use crate::upgrade::RequestHead;
@@ -268,28 +267,20 @@ pub(crate) async fn session<'a>(
     if io.write_all(accept.as_bytes()).await.is_err() || io.flush().await.is_err() {
         return None;
     }
+    let mut at = Refuser {
+        gw,
+        peer,
+        head: Some(head),
+        route: Some(route),
+        channel: Channel::Mqtt(None),
+    };
     let (connect, raw) = match tokio::time::timeout_at(deadline, read_connect(&mut io, rest)).await
     {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let channel = Channel::Mqtt(None);
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                Some(head),
-                Some(route),
-                channel,
-                e.into(),
-            )
-            .await;
-        }
-        Err(_) => {
-            let (channel, refusal) = (Channel::Mqtt(None), Refusal::HandshakeTimeout);
-            return refuse(gw, &mut io, peer, Some(head), Some(route), channel, refusal).await;
-        }
+        Ok(Err(e)) => return at.refuse(&mut io, e.into()).await,
+        Err(_) => return at.refuse(&mut io, Refusal::HandshakeTimeout).await,
     };
-    let channel = Channel::Mqtt(Some(connect.level));
+    at.channel = Channel::Mqtt(Some(connect.level));
     let token = connect
         .password
         .as_deref()
@@ -305,49 +296,13 @@ pub(crate) async fn session<'a>(
     };
     let identity = match verified {
         Ok(i) => i,
-        Err(e) => {
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                Some(head),
-                Some(route),
-                channel,
-                e.into(),
-            )
-            .await
-        }
+        Err(e) => return at.refuse(&mut io, e.into()).await,
     };
-    gw.metrics.auth_success.inc();
-    let Ok(slot) = Arc::clone(&gw.sessions).try_acquire_owned() else {
-        return refuse(
-            gw,
-            &mut io,
-            peer,
-            Some(head),
-            Some(route),
-            channel,
-            Refusal::Busy,
-        )
-        .await;
-    };
-    let request =
-        crate::upstream::build_request(head, route, &forwarding(gw, &io, peer, &identity, true));
-    let connected = match dial(gw, route, &request).await {
-        Ok(c) => c,
-        Err(e) => {
-            return refuse(
-                gw,
-                &mut io,
-                peer,
-                Some(head),
-                Some(route),
-                channel,
-                e.into(),
-            )
-            .await
-        }
-    };
+    let (slot, connected) =
+        match connect_upstream(gw, &io, peer, head, route, &identity, true).await {
+            Ok(c) => c,
+            Err(e) => return at.refuse(&mut io, e).await,
+        };
     gw.metrics
         .handshake_duration
         .observe(started.elapsed().as_secs_f64());

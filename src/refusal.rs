@@ -136,6 +136,32 @@ impl Refusal {
     }
 }
 
+/// Where a connection is when it is refused: what the log line names, and how the answer is sent.
+#[derive(Clone, Copy)]
+pub(crate) struct Refuser<'a> {
+    pub(crate) gw: &'a Gateway,
+    pub(crate) peer: SocketAddr,
+    pub(crate) head: Option<&'a RequestHead>,
+    pub(crate) route: Option<&'a Route>,
+    pub(crate) channel: Channel,
+}
+
+impl Refuser<'_> {
+    /// [`refuse`] from here.
+    pub(crate) async fn refuse<T>(&self, io: &mut Io, refusal: Refusal) -> Option<T> {
+        refuse(
+            self.gw,
+            io,
+            self.peer,
+            self.head,
+            self.route,
+            self.channel,
+            refusal,
+        )
+        .await
+    }
+}
+
 /// Answers `refusal` on `channel`, counts it and logs one line; the path is logged without its query (which may
 /// carry a token). Always `None`: the connection ends here.
 pub async fn refuse<T>(

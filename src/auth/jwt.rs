@@ -379,6 +379,12 @@ impl Verifier {
         &self,
         token: &str,
     ) -> Result<serde_json::Map<String, Value>, AuthError> {
+        let (parsed, _) = self.signed(token).await?;
+        serde_json::from_slice(&parsed.payload).map_err(|_| AuthError::Malformed)
+    }
+
+    /// Bounds, header policy, the key by `kid`, and the signature: the token and the key that signed it.
+    async fn signed<'t>(&self, token: &'t str) -> Result<(Parsed<'t>, Arc<Jwk>), AuthError> {
         let parsed = parse(token, &self.policy)?;
         let key = self.find_key(&parsed).await?;
         if !key.fits(parsed.alg) {
@@ -391,7 +397,7 @@ impl Verifier {
         ) {
             return Err(AuthError::Signature);
         }
-        serde_json::from_slice(&parsed.payload).map_err(|_| AuthError::Malformed)
+        Ok((parsed, key))
     }
 
     /// Full verification, bypassing the cache.
@@ -403,18 +409,7 @@ impl Verifier {
     }
 
     async fn verify_full(&self, token: &str) -> Result<Cached, AuthError> {
-        let parsed = parse(token, &self.policy)?;
-        let key = self.find_key(&parsed).await?;
-        if !key.fits(parsed.alg) {
-            return Err(AuthError::KeyMismatch);
-        }
-        if !key.verify(
-            parsed.alg,
-            parsed.signing_input.as_bytes(),
-            &parsed.signature,
-        ) {
-            return Err(AuthError::Signature);
-        }
+        let (parsed, key) = self.signed(token).await?;
         let identity = check_claims(&parsed.payload, &self.policy, unix_now())?;
         Ok(Cached {
             identity,
