@@ -199,6 +199,7 @@ HELM_T=("$HELM" template ws-gateway "$CHART")
 render helm-default OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST"
 render helm-ingressroute OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/ingressroute-values.yaml"
 render helm-passthrough OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/passthrough-values.yaml"
+render helm-admin OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/admin-values.yaml"
 render helm-prestop-sleep NEW "${HELM_T[@]}" --kube-version "$K8S_NEWEST" --set preStop.action=sleep
 render helm-full NEW "${HELM_T[@]}" --kube-version "$K8S_NEWEST" -f "$CHART/ci/full-values.yaml"
 
@@ -217,6 +218,31 @@ check_rejects "chart refuses terminationGracePeriodSeconds <= preStop + drain" \
 	"${HELM_T[@]}" --set terminationGracePeriodSeconds=35
 check_rejects "chart refuses preStop.action=sleep on Kubernetes $K8S_OLDEST" \
 	"${HELM_T[@]}" --kube-version "$K8S_OLDEST" --set preStop.action=sleep
+check_rejects "values.schema.json rejects revocation.store=mysql" \
+	"${HELM_T[@]}" --set revocation.store=mysql
+check_rejects "values.schema.json rejects revocation.failMode=maybe" \
+	"${HELM_T[@]}" --set revocation.failMode=maybe
+check_rejects "values.schema.json rejects an admin.token under 16 characters" \
+	"${HELM_T[@]}" --set admin.token=short-token
+check_rejects "chart refuses admin.existingSecret together with admin.token" \
+	"${HELM_T[@]}" --set admin.existingSecret=ws-gateway-admin --set admin.token=0123456789abcdef0123
+check_rejects "chart refuses revocation.store together with config.STATE_STORE" \
+	"${HELM_T[@]}" --set revocation.store=redis --set config.STATE_STORE=postgres
+check_rejects "chart refuses a ServiceMonitor on a LoadBalancer Service" \
+	"${HELM_T[@]}" --set service.type=LoadBalancer --set metrics.serviceMonitor.enabled=true
+# The admin port (9090) stays inside the cluster whatever service.type says.
+admin_port_private() {
+	"${HELM_T[@]}" --set service.type=LoadBalancer >"$WORK/lb.yaml" || return 1
+	"$PY" - "$WORK/lb.yaml" <<-'EOF'
+		import sys, yaml
+		bad = [f"{d['metadata']['name']}: {p}" for d in yaml.safe_load_all(open(sys.argv[1]))
+		       if d and d["kind"] == "Service" and d["spec"].get("type", "ClusterIP") != "ClusterIP"
+		       for p in d["spec"]["ports"] if p["port"] == 9090]
+		print("\n".join(bad) or "no admin port on a non-ClusterIP Service")
+		sys.exit(1 if bad else 0)
+	EOF
+}
+check "service.type=LoadBalancer leaves the admin port off that Service" admin_port_private
 
 # --- schemas ----------------------------------------------------------------
 
@@ -264,6 +290,7 @@ cmp_pair helm-default kustomize-base
 cmp_pair helm-ingressroute kustomize-component-traefik-ingressroute
 cmp_pair helm-passthrough kustomize-component-tls-passthrough
 cmp_pair helm-prestop-sleep kustomize-component-prestop-sleep-action
+cmp_pair helm-admin kustomize-component-admin-token
 
 # The checks above must be able to fail.
 sed 's/^  JWT_COOKIE_NAME:/  JWT_COOKIE_NAMES:/' "$OUT/kustomize-base.yaml" >"$WORK/typo-env.yaml"
@@ -274,6 +301,19 @@ sed 's/terminationGracePeriodSeconds: 45/terminationGracePeriodSeconds: 30/' "$O
 check_rejects "policy rejects terminationGracePeriodSeconds <= preStop + drain" "${CHECK[@]}" policy "$WORK/short-grace.yaml"
 sed 's/^  WS_IDLE_TIMEOUT_SECONDS: "60"/  WS_IDLE_TIMEOUT_SECONDS: "61"/' "$OUT/kustomize-base.yaml" >"$WORK/drift.yaml"
 check_rejects "compare notices a changed value" "${CHECK[@]}" compare "$OUT/helm-default.yaml" "$WORK/drift.yaml"
+sed 's/^\( *\)port: ws$/\1port: metrics/' "$OUT/kustomize-overlay-production.yaml" >"$WORK/admin-routed.yaml"
+check_rejects "policy rejects an IngressRoute to the admin port" "${CHECK[@]}" policy "$WORK/admin-routed.yaml"
+"$PY" - "$OUT/kustomize-overlay-production.yaml" "$WORK/admin-token-0444.yaml" <<-'EOF'
+	import sys, yaml
+	docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+	for d in docs:
+	    if d["kind"] == "Deployment":
+	        for v in d["spec"]["template"]["spec"]["volumes"]:
+	            if v["name"] == "admin-token":
+	                v["secret"]["defaultMode"] = 0o444
+	yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+EOF
+check_rejects "policy rejects a world-readable admin token volume" "${CHECK[@]}" policy "$WORK/admin-token-0444.yaml"
 
 # --- Dockerfile and systemd unit ---------------------------------------------
 
@@ -364,6 +404,9 @@ else
 	check_py "--check-config refuses PROXY_PROTOCOL without trusted CIDRs" \
 		refuses 'PROXY_PROTOCOL_TRUSTED_CIDRS' PROXY_PROTOCOL=true
 	check_py "--check-config refuses LOG_FORMAT=yaml" refuses 'log[-_]format' LOG_FORMAT=yaml
+	printf 'too-short\n' >"$WORK/short-admin-token"
+	check_py "--check-config refuses an admin token under 16 characters" \
+		refuses 'ADMIN_TOKEN_FILE' ADMIN_TOKEN_FILE="$WORK/short-admin-token"
 fi
 
 finish
