@@ -125,7 +125,7 @@ describe('mosquitto', () => {
 
     test('mosquitto: SIGTERM drains a live session with Close 1001 and the gateway exits 0', { timeout: 60000 }, async () => {
       const gw = await startGateway({
-        jwks: c.jwks, tls: c.tls, upstream: `ws://127.0.0.1:${c.broker.wsPort}/ws`, args: ['--graceful-drain-timeout-seconds', '2'],
+        jwks: c.jwks, tls: c.tls, upstream: `ws://127.0.0.1:${c.broker.wsPort}/ws`, args: ['--graceful-drain-timeout-seconds', '2', '--drain-spread-seconds', '0'],
       });
       const raw = await openRaw(gw.url('/mqtt'), { ca: c.tls.certPem, headers: { Authorization: `Bearer ${c.jwks.mint()}` } });
       raw.ws.send(connectPacket({ clientId: uniqueId('drain') }));
