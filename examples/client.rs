@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ws_gateway::frame::{self, decode, encode, OP_CLOSE};
 use ws_gateway::net::Url;
-use ws_gateway::upgrade::accept_key;
+use ws_gateway::upstream::{handshake, Handshake, UpstreamRequest};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -60,36 +59,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     token: &str,
     messages: &[String],
 ) -> anyhow::Result<()> {
-    let key = base64::engine::general_purpose::STANDARD.encode(rand_bytes());
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-Sec-WebSocket-Key: {key}\r\nAuthorization: Bearer {token}\r\n\r\n",
-        url.path_and_query, url.authority
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
-            .await
-            .context("no answer")??;
-        if n == 0 {
-            bail!("connection closed: {}", String::from_utf8_lossy(&buf));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
+    let req = UpstreamRequest::client(url, &[("Authorization", &format!("Bearer {token}"))], &[]);
+    let answer = tokio::time::timeout(Duration::from_secs(10), handshake(&mut s, &req))
+        .await
+        .context("no answer")?;
+    let Handshake { response, rest, .. } = match answer {
+        Ok(h) => h,
+        Err(e) => bail!("upgrade refused: {e}"),
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    if !head.starts_with("HTTP/1.1 101") || !head.contains(&accept_key(&key)) {
-        bail!(
-            "upgrade refused:\n{head}{}",
-            String::from_utf8_lossy(&buf[head_end..])
-        );
-    }
+    let head = String::from_utf8_lossy(&response).into_owned();
     println!("connected: {}", head.lines().next().unwrap_or_default());
-    buf.drain(..head_end);
+    let mut buf = rest;
+    let mut chunk = [0u8; 8192];
     for m in messages {
         s.write_all(&encode(0x1, m.as_bytes(), Some(rand_mask())))
             .await?;
@@ -123,13 +104,8 @@ Sec-WebSocket-Key: {key}\r\nAuthorization: Bearer {token}\r\n\r\n",
     }
 }
 
-fn rand_bytes() -> [u8; 16] {
-    let mut b = [0u8; 16];
+fn rand_mask() -> [u8; 4] {
+    let mut b = [0u8; 4];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap_or_default();
     b
-}
-
-fn rand_mask() -> [u8; 4] {
-    let b = rand_bytes();
-    [b[0], b[1], b[2], b[3]]
 }

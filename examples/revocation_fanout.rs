@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ws_gateway::frame::{decode, OP_CLOSE};
 use ws_gateway::net::Url;
+use ws_gateway::upstream::{handshake, UpstreamRequest};
 
 struct Args {
     ca: String,
@@ -68,26 +69,10 @@ async fn open(url: &Url, tls: &Arc<rustls::ClientConfig>, token: &str) -> anyhow
     let mut s = tokio_rustls::TlsConnector::from(Arc::clone(tls))
         .connect(name, tcp)
         .await?;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n",
-        url.path_and_query, url.authority
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        if s.read(&mut b).await? == 0 {
-            bail!("closed before the 101");
-        }
-        head.push(b[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        bail!(
-            "{}",
-            String::from_utf8_lossy(&head).lines().next().unwrap_or("")
-        );
-    }
+    let req = UpstreamRequest::client(url, &[("Authorization", &format!("Bearer {token}"))], &[]);
+    handshake(&mut s, &req)
+        .await
+        .map_err(|e| anyhow::anyhow!("upgrade refused: {e}"))?;
     Ok(s)
 }
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::source::{is_bearer, strip_cookie, strip_query, strip_subprotocols};
 use crate::auth::Identity;
@@ -251,33 +251,104 @@ pub async fn connect(
 ) -> Result<Connected, UpstreamError> {
     let attempt = async {
         let (mut io, _) = dial(&route.upstream, tls, limit).await?;
-        io.write_all(&req.bytes).await?;
-        io.flush().await?;
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 2048];
-        loop {
-            let n = io.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(UpstreamError::Handshake("closed before answering"));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some((used, protocol)) = check_response(&buf, req)? {
-                let rest = buf.split_off(used);
-                return Ok(Connected {
-                    io,
-                    response: buf,
-                    rest,
-                    protocol,
-                });
-            }
-            if buf.len() > MAX_RESPONSE_HEAD {
-                return Err(UpstreamError::Handshake("response head too large"));
-            }
-        }
+        let Handshake {
+            response,
+            rest,
+            protocol,
+        } = handshake(&mut io, req).await?;
+        Ok(Connected {
+            io,
+            response,
+            rest,
+            protocol,
+        })
     };
     tokio::time::timeout(limit, attempt)
         .await
         .map_err(|_| UpstreamError::Timeout)?
+}
+
+/// A completed client side of the opening handshake.
+#[derive(Debug)]
+pub struct Handshake {
+    /// The 101 head as received.
+    pub response: Vec<u8>,
+    /// Bytes the server sent after its 101 (the first frames): they belong to the session.
+    pub rest: Vec<u8>,
+    /// The subprotocol the server selected.
+    pub protocol: Option<String>,
+}
+
+/// The client side of the opening handshake, shared by the upstream dial, the example clients and the load
+/// generator: sends `req`, reads the answer up to a bounded head, and checks it is a 101 for this key and one of
+/// the offered subprotocols.
+///
+/// # Errors
+/// I/O, a status other than 101, or a 101 that does not complete this handshake.
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    req: &UpstreamRequest,
+) -> Result<Handshake, UpstreamError> {
+    io.write_all(&req.bytes).await?;
+    io.flush().await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(UpstreamError::Handshake("closed before answering"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((used, protocol)) = check_response(&buf, req)? {
+            let rest = buf.split_off(used);
+            return Ok(Handshake {
+                response: buf,
+                rest,
+                protocol,
+            });
+        }
+        if buf.len() > MAX_RESPONSE_HEAD {
+            return Err(UpstreamError::Handshake("response head too large"));
+        }
+    }
+}
+
+impl UpstreamRequest {
+    /// A client's upgrade request for `url` with a fresh random key and `headers` (name, value) added, offering
+    /// `protocols`.
+    #[must_use]
+    pub fn client(
+        url: &crate::net::Url,
+        headers: &[(&str, &str)],
+        protocols: &[&str],
+    ) -> UpstreamRequest {
+        use base64::Engine;
+        use ring::rand::SecureRandom;
+        let mut raw = [0u8; 16];
+        // Without randomness the key is all zeros: still a valid handshake, only predictable.
+        let _ = ring::rand::SystemRandom::new().fill(&mut raw);
+        let key = base64::engine::general_purpose::STANDARD.encode(raw);
+        let mut out = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n",
+            url.path_and_query, url.authority
+        );
+        for (name, value) in headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !protocols.is_empty() {
+            out.push_str(&format!(
+                "Sec-WebSocket-Protocol: {}\r\n",
+                protocols.join(", ")
+            ));
+        }
+        out.push_str("\r\n");
+        UpstreamRequest {
+            bytes: out.into_bytes(),
+            key,
+            offered: protocols.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
 }
 
 /// Checks a complete 101; `Ok(None)` while incomplete.
