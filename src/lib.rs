@@ -5,27 +5,32 @@
 //! # Layout
 //! In the order a connection meets it:
 //! - [`config`]: typed, validated configuration (flags > env > file > defaults);
-//! - [`server`]: the shared state and the accept loop, one task per connection;
+//! - `server`: the shared state and the accept loop, one task per connection;
 //! - `admission`: PROXY header, TLS, head, route, upgrade checks, Origin, token, session slot, upstream, 101;
-//! - [`refusal`]: every way admission fails, answered, logged and counted in one place;
+//! - `refusal`: every way admission fails, answered, logged and counted in one place;
 //! - [`proxy_protocol`]: PROXY v1/v2 from trusted load balancers;
 //! - [`tls`]: PEM loading, server and client TLS, certificate reload;
-//! - [`upgrade`]: the bounded request-head reader, upgrade checks, and HTTP answers;
+//! - [`upgrade`]: the bounded request-head reader, upgrade checks, path normalisation;
 //! - [`route`]: path prefix to upstream (`routes.yaml`);
-//! - [`auth`]: token sources, JWT verification, JWKS cache, Origin policy;
+//! - [`auth`]: token sources, JWT verification, JWKS cache, the IdP client, Origin policy;
 //! - [`upstream`]: the rewritten upgrade request, the dial, the 101 check;
-//! - [`relay`]: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
+//! - `relay`: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
 //! - [`mqtt`]: the token in the MQTT CONNECT password (the CONNECT parser and the flow), for clients that cannot
 //!   set headers;
 //! - `session`: session accounting, what is counted and logged when a relayed session ends;
-//! - [`registry`]: live sessions by subject and token id, closable from outside;
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`metrics`]: the handles;
-//! - [`shutdown`]: the drain phases and connection guards; [`pending`]: connections before they earn their place;
+//! - `registry`: live sessions by subject and token id, closable from outside;
+//! - [`revocation`]: revocations and their local copy; `store`: Redis and PostgreSQL, shared by the replicas;
+//! - `admin`: `/healthz`, `/readyz`, `/metrics`, the admin API, back-channel logout; [`metrics`]: the handles;
+//! - `shutdown`: the drain phases and connection guards; `pending`: connections before they earn their place;
 //! - [`net`]: the stream type and URLs; [`logging`]: JSON or text logs; [`dev`]: `--dev` mode and the echo server.
+//!
+//! Modules outside callers use (the binary, tests, examples, the load generator, the fuzz targets) are public;
+//! the rest is private to the crate, and `unreachable_pub` keeps it so.
 
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
-pub mod admin;
+mod admin;
 mod admission;
 pub mod auth;
 pub mod config;
@@ -35,17 +40,17 @@ pub mod logging;
 pub mod metrics;
 pub mod mqtt;
 pub mod net;
-pub mod pending;
+mod pending;
 pub mod proxy_protocol;
-pub mod refusal;
-pub mod registry;
-pub mod relay;
+mod refusal;
+mod registry;
+mod relay;
 pub mod revocation;
 pub mod route;
-pub mod server;
+mod server;
 mod session;
-pub mod shutdown;
-pub mod store;
+mod shutdown;
+mod store;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

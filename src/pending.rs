@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 /// The set of pending connections, oldest first.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     cap: usize,
     per_peer: usize,
     inner: Mutex<Inner>,
@@ -42,7 +42,7 @@ impl Inner {
 
 /// One pending connection's place; dropping it (the connection got through, or ended) frees the place.
 #[derive(Debug)]
-pub struct Ticket {
+pub(crate) struct Ticket {
     set: Arc<Pending>,
     id: u64,
     evict: Arc<Notify>,
@@ -50,13 +50,13 @@ pub struct Ticket {
 
 impl Ticket {
     /// Resolves when the connection has been evicted to make room for a newer one.
-    pub async fn evicted(&self) {
+    pub(crate) async fn evicted(&self) {
         self.evict.notified().await;
     }
 
     /// The eviction signal, to wait on after the ticket itself has been handed elsewhere.
     #[must_use]
-    pub fn eviction(&self) -> Arc<Notify> {
+    pub(crate) fn eviction(&self) -> Arc<Notify> {
         Arc::clone(&self.evict)
     }
 }
@@ -72,7 +72,7 @@ impl Drop for Ticket {
 impl Pending {
     /// A set of at most `cap` entries, at most `per_peer` from one address (`usize::MAX` for no per-peer limit).
     #[must_use]
-    pub fn new(cap: usize, per_peer: usize) -> Arc<Pending> {
+    pub(crate) fn new(cap: usize, per_peer: usize) -> Arc<Pending> {
         Arc::new(Pending {
             cap: cap.max(1),
             per_peer: per_peer.max(1),
@@ -82,7 +82,7 @@ impl Pending {
 
     /// Registers a new connection from `ip`, evicting the oldest entries beyond the limits. Returns the ticket and
     /// how many entries were evicted.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> (Ticket, usize) {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> (Ticket, usize) {
         let evict = Arc::new(Notify::new());
         let mut evicted = Vec::new();
         let id = {
@@ -128,15 +128,9 @@ impl Pending {
     }
 
     /// Entries held now.
-    #[must_use]
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().map_or(0, |i| i.entries.len())
-    }
-
-    /// Whether no connection is pending.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -20,7 +20,7 @@ use crate::upstream::UpstreamError;
 
 /// Why a connection was refused before it became a session.
 #[derive(Debug, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The request is not an acceptable upgrade.
     #[error("{0}")]
     Upgrade(#[from] UpgradeError),
@@ -47,7 +47,7 @@ pub enum Refusal {
 /// Where the answer goes: an HTTP response, or frames after the gateway's own 101 to an MQTT client (with the
 /// protocol level once the CONNECT has been read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Channel {
+pub(crate) enum Channel {
     /// Before any 101: an HTTP response.
     Http,
     /// After the gateway's 101 on the CONNECT-password path.
@@ -57,7 +57,7 @@ pub enum Channel {
 impl Refusal {
     /// Bounded label for logs and metrics.
     #[must_use]
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Refusal::Upgrade(e) => e.kind(),
             Refusal::Auth(e) => e.kind(),
@@ -71,7 +71,7 @@ impl Refusal {
 
     /// The HTTP answer.
     #[must_use]
-    pub fn http(&self) -> Response {
+    pub(crate) fn http(&self) -> Response {
         match self {
             Refusal::Upgrade(e) => match e {
                 UpgradeError::Malformed(why) => Response::new(400, format!("bad request: {why}")),
@@ -117,7 +117,7 @@ impl Refusal {
     /// The MQTT answer for a client at protocol `level` (unknown before its CONNECT was read): an optional
     /// CONNACK, then the Close code and reason.
     #[must_use]
-    pub fn mqtt(&self, level: Option<u8>) -> (Option<Vec<u8>>, u16, &'static str) {
+    pub(crate) fn mqtt(&self, level: Option<u8>) -> (Option<Vec<u8>>, u16, &'static str) {
         let not_authorized = level.map(crate::mqtt::connack_not_authorized);
         let unavailable = level.map(crate::mqtt::connack_unavailable);
         match self {
@@ -164,7 +164,7 @@ impl Refuser<'_> {
 
 /// Answers `refusal` on `channel`, counts it and logs one line; the path is logged without its query (which may
 /// carry a token). Always `None`: the connection ends here.
-pub async fn refuse<T>(
+pub(crate) async fn refuse<T>(
     gw: &Gateway,
     io: &mut Io,
     peer: SocketAddr,
@@ -208,7 +208,7 @@ pub async fn refuse<T>(
 
 /// A complete HTTP response the gateway writes itself: status, a few headers, a short text body.
 #[derive(Debug, Clone)]
-pub struct Response {
+pub(crate) struct Response {
     /// Status code.
     pub status: u16,
     headers: Vec<(&'static str, String)>,
@@ -218,7 +218,7 @@ pub struct Response {
 impl Response {
     /// A response with a plain-text body (a newline is added).
     #[must_use]
-    pub fn new(status: u16, body: impl Into<String>) -> Response {
+    pub(crate) fn new(status: u16, body: impl Into<String>) -> Response {
         Response {
             status,
             headers: Vec::new(),
@@ -228,14 +228,14 @@ impl Response {
 
     /// Adds a header.
     #[must_use]
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+    pub(crate) fn header(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
         self
     }
 
     /// The bytes on the wire; every response closes the connection.
     #[must_use]
-    pub fn to_bytes(&self, content_type: &str) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self, content_type: &str) -> Vec<u8> {
         let body = if self.body.is_empty() || self.body.ends_with('\n') {
             self.body.clone()
         } else {
@@ -262,7 +262,7 @@ impl Response {
     ///
     /// # Errors
     /// The peer is gone.
-    pub async fn send<W: AsyncWrite + Unpin>(&self, io: &mut W) -> io::Result<()> {
+    pub(crate) async fn send<W: AsyncWrite + Unpin>(&self, io: &mut W) -> io::Result<()> {
         io.write_all(&self.to_bytes("text/plain; charset=utf-8"))
             .await?;
         io.flush().await?;
@@ -272,7 +272,7 @@ impl Response {
 
 /// Reason phrase for the statuses the gateway sends.
 #[must_use]
-pub fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",

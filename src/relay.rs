@@ -24,7 +24,7 @@ use crate::shutdown::Signal;
 
 /// Size of a relay buffer: four TLS records of plaintext, so a bulk transfer moves 64 KiB per read and per
 /// encrypt-and-write batch (measured: one-session bulk 374 → 397 MB/s against 16 KiB).
-pub const BUF_SIZE: usize = 64 * 1024;
+pub(crate) const BUF_SIZE: usize = 64 * 1024;
 /// Buffers kept per worker thread for reuse (at most 4 MiB per thread).
 const POOL_MAX: usize = 64;
 
@@ -49,7 +49,7 @@ fn give_buffer(buf: Vec<u8>) {
 
 /// Time limits of a session.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// No bytes either way for this long ends the session.
     pub idle: Duration,
     /// A peer that accepts no bytes for this long is cut off.
@@ -60,7 +60,7 @@ pub struct Limits {
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
+pub(crate) enum EndReason {
     /// Both sides closed (the client first, or the upstream first, both end here).
     Closed,
     /// No bytes moved for the idle timeout.
@@ -82,7 +82,7 @@ pub enum EndReason {
 impl EndReason {
     /// Bounded label for logs and metrics.
     #[must_use]
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             EndReason::Closed => "closed",
             EndReason::Idle => "idle_timeout",
@@ -97,7 +97,7 @@ impl EndReason {
 
     /// The Close frame the gateway sends the client for this reason, if it sends one.
     #[must_use]
-    pub fn close(self) -> Option<CloseRequest> {
+    pub(crate) fn close(self) -> Option<CloseRequest> {
         match self {
             EndReason::Idle => Some(CloseRequest {
                 code: frame::CLOSE_GOING_AWAY,
@@ -122,7 +122,7 @@ impl EndReason {
 
 /// What a session did.
 #[derive(Debug, Clone, Copy)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Why it ended.
     pub reason: EndReason,
     /// Bytes client → upstream.
@@ -387,7 +387,7 @@ enum Side {
 }
 
 /// A session being relayed.
-pub struct Session<C, U> {
+pub(crate) struct Session<C, U> {
     client: C,
     upstream: U,
     up: Pump,
@@ -406,7 +406,7 @@ where
 {
     /// A session over two connected streams; `client_rest` and `upstream_rest` are bytes already read past each
     /// handshake, delivered first.
-    pub fn new(
+    pub(crate) fn new(
         client: C,
         upstream: U,
         client_rest: Vec<u8>,
@@ -432,7 +432,7 @@ where
     ///
     /// It borrows the session rather than consuming it, so the caller's future holds the session once: an idle
     /// session's memory is mostly this struct and the two sockets.
-    pub async fn run(&mut self, mut drain: Signal, control: &SessionControl) -> Outcome {
+    pub(crate) async fn run(&mut self, mut drain: Signal, control: &SessionControl) -> Outcome {
         let reason = tokio::select! {
             reason = poll_fn(|cx| self.poll_transfer(cx)) => reason,
             () = drain.go_away() => EndReason::Drain,

@@ -2,7 +2,7 @@
 //! admission consults without a store round trip, and closing the live sessions a revocation matches.
 //!
 //! A revocation reaches this process three ways (the `origin` label): the admin API, OIDC back-channel logout, or
-//! a peer replica through the shared store ([`crate::store`]). Each is applied the same way: into the local copy,
+//! a peer replica through the shared store (`store`). Each is applied the same way: into the local copy,
 //! then Close 1008 "token revoked" to every matching live session.
 
 use std::collections::HashMap;

@@ -23,7 +23,7 @@ use crate::shutdown::{ConnectionGuard, Guards, Phase, Signal};
 use crate::store::Store;
 
 /// Everything a connection needs, shared by all of them.
-pub struct Gateway {
+pub(crate) struct Gateway {
     /// The validated configuration.
     pub config: Config,
     /// TLS for the listener, or `None` for plain HTTP.
@@ -63,7 +63,7 @@ impl Gateway {
     /// Applies a revocation here: into the local copy, and Close 1008 "token revoked" to every matching live
     /// session. A revocation heard back from the store that changes nothing is not counted again. Returns how many
     /// sessions were closed.
-    pub fn apply_revocation(&self, rev: &Revocation, origin: &'static str) -> usize {
+    pub(crate) fn apply_revocation(&self, rev: &Revocation, origin: &'static str) -> usize {
         let now = crate::auth::jwt::unix_now();
         let changed = self.revocations.insert(rev.clone(), now);
         if !changed && origin == "peer" {
@@ -80,7 +80,7 @@ impl Gateway {
     ///
     /// # Errors
     /// [`AuthError::Revoked`] or [`AuthError::StoreDown`].
-    pub fn check_revocation(&self, identity: &Identity) -> Result<(), AuthError> {
+    pub(crate) fn check_revocation(&self, identity: &Identity) -> Result<(), AuthError> {
         if self
             .revocations
             .is_revoked(identity, crate::auth::jwt::unix_now())
@@ -95,7 +95,7 @@ impl Gateway {
 
     /// Readiness: keys loaded and not draining.
     #[must_use]
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.signal.phase() == Phase::Running && self.verifier.keys().is_ready()
     }
 }
@@ -106,7 +106,7 @@ impl Gateway {
 /// when `MAX_PENDING_HANDSHAKES` are pending the oldest is closed: idle unauthenticated sockets evict each other,
 /// not the client that just connected. Sessions take a slot of `MAX_CONNECTIONS` once authenticated (503 when
 /// none is left), so neither budget can starve the other.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
+pub(crate) async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
     let mut signal = gw.signal.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -145,7 +145,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
 ///
 /// The handshake phase runs in its own boxed future, freed before the relay starts: a long-lived idle session then
 /// holds only what relaying needs, not the (much larger) state of TLS, token and upstream handshakes.
-pub async fn handle(
+pub(crate) async fn handle(
     gw: &Gateway,
     tcp: TcpStream,
     peer: SocketAddr,

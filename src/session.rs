@@ -95,6 +95,7 @@ pub(crate) fn relay<'a>(
             bytes_upstream_to_client = outcome.upstream_to_client,
             close_reason = outcome.reason.label(),
             close_code = outcome.reason.close().map_or(0, |c| c.code),
+            close_delivered = outcome.close_sent,
             "session ended"
         );
         drop(session);

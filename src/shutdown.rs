@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 /// Where the process is in its shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Serving.
     Running,
     /// No new connections; open sessions continue.
@@ -23,7 +23,7 @@ pub enum Phase {
 
 /// The owner's side: starts the drain and waits for connections to finish.
 #[derive(Debug)]
-pub struct Drain {
+pub(crate) struct Drain {
     phase: watch::Sender<Phase>,
     window: Arc<OnceLock<(Instant, Duration)>>,
     guard_tx: Option<mpsc::Sender<()>>,
@@ -32,7 +32,7 @@ pub struct Drain {
 
 /// A task's view of the phase.
 #[derive(Debug, Clone)]
-pub struct Signal {
+pub(crate) struct Signal {
     phase: watch::Receiver<Phase>,
     /// Start and length of the window over which sessions go away, set when the drain starts.
     window: Arc<OnceLock<(Instant, Duration)>>,
@@ -40,14 +40,14 @@ pub struct Signal {
 
 /// Issues [`ConnectionGuard`]s; held by the accept loop.
 #[derive(Debug, Clone)]
-pub struct Guards {
+pub(crate) struct Guards {
     tx: Option<mpsc::Sender<()>>,
 }
 
 impl Guards {
     /// A guard for one connection; `None` once the drain has started.
     #[must_use]
-    pub fn guard(&self) -> Option<ConnectionGuard> {
+    pub(crate) fn guard(&self) -> Option<ConnectionGuard> {
         self.tx
             .as_ref()
             .map(|tx| ConnectionGuard { _tx: tx.clone() })
@@ -57,7 +57,7 @@ impl Guards {
 /// Held by every connection task; the drain completes when all are dropped.
 #[must_use = "a connection is counted only while its guard lives"]
 #[derive(Debug, Clone)]
-pub struct ConnectionGuard {
+pub(crate) struct ConnectionGuard {
     _tx: mpsc::Sender<()>,
 }
 
@@ -70,7 +70,7 @@ impl Default for Drain {
 impl Drain {
     /// A drain in the `Running` phase.
     #[must_use]
-    pub fn new() -> Drain {
+    pub(crate) fn new() -> Drain {
         let (phase, _) = watch::channel(Phase::Running);
         let (tx, rx) = mpsc::channel(1);
         Drain {
@@ -83,7 +83,7 @@ impl Drain {
 
     /// A receiver of the phase.
     #[must_use]
-    pub fn signal(&self) -> Signal {
+    pub(crate) fn signal(&self) -> Signal {
         Signal {
             phase: self.phase.subscribe(),
             window: Arc::clone(&self.window),
@@ -92,7 +92,7 @@ impl Drain {
 
     /// What the accept loop hands out guards from; the drain completes only after it is dropped too.
     #[must_use]
-    pub fn guards(&self) -> Guards {
+    pub(crate) fn guards(&self) -> Guards {
         Guards {
             tx: self.guard_tx.clone(),
         }
@@ -101,7 +101,12 @@ impl Drain {
     /// Runs the drain: `Draining` for up to `grace`, then `Closing` for up to `close_grace`. Sessions that use
     /// [`Signal::go_away`] leave at random moments within the last `spread` of `grace`, so the other replicas see
     /// a ramp of reconnects rather than a wall. Returns whether every connection finished.
-    pub async fn run(mut self, grace: Duration, spread: Duration, close_grace: Duration) -> bool {
+    pub(crate) async fn run(
+        mut self,
+        grace: Duration,
+        spread: Duration,
+        close_grace: Duration,
+    ) -> bool {
         let spread = spread.min(grace);
         let _ = self.window.set((Instant::now() + (grace - spread), spread));
         self.phase.send_replace(Phase::Draining);
@@ -122,19 +127,19 @@ impl Drain {
 impl Signal {
     /// The phase now.
     #[must_use]
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         *self.phase.borrow()
     }
 
     /// Resolves once the phase is at least `at`.
-    pub async fn reached(&mut self, at: Phase) {
+    pub(crate) async fn reached(&mut self, at: Phase) {
         // A closed channel means the owner is gone: treat as reached.
         let _ = self.phase.wait_for(|p| *p >= at).await;
     }
 
     /// Resolves when this session should go away: at a random moment of the drain's spread window, or at
     /// `Closing`, whichever comes first.
-    pub async fn go_away(&mut self) {
+    pub(crate) async fn go_away(&mut self) {
         self.reached(Phase::Draining).await;
         let Some(&(start, spread)) = self.window.get() else {
             return self.reached(Phase::Closing).await;

@@ -1,5 +1,5 @@
 //! The bounded HTTP/1.1 request-head reader and the WebSocket upgrade checks. How a failed check is answered is
-//! decided in [`crate::refusal`].
+//! decided in `refusal`.
 //!
 //! The reader stops at the end of the head: bytes the client pipelined after it are returned as `rest` and belong
 //! to the session.

@@ -35,7 +35,7 @@ const MAX_SEEN_JTIS: usize = 100_000;
 
 /// Logout token `jti`s already used, with when they may be forgotten (bounded).
 #[derive(Debug, Default)]
-pub struct SeenLogoutTokens {
+pub(crate) struct SeenLogoutTokens {
     seen: Mutex<HashMap<String, i64>>,
 }
 
@@ -64,7 +64,7 @@ impl SeenLogoutTokens {
 
 /// Whether `path` is served here.
 #[must_use]
-pub fn handles(path: &str) -> bool {
+pub(super) fn handles(path: &str) -> bool {
     matches!(
         path,
         "/admin/revoke" | "/admin/sessions" | "/oidc/backchannel-logout"
@@ -88,7 +88,7 @@ fn error(status: StatusCode, code: &str, description: &str) -> Response<Full<Byt
 }
 
 /// Serves one API request.
-pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub(super) async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (method, path.as_str()) {
@@ -187,7 +187,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Whether `claims` grant `role` in `scope`/`scp` (space-separated or array), `roles`, `realm_access.roles` or
 /// `resource_access.*.roles`.
 #[must_use]
-pub fn has_role(claims: &Value, role: &str) -> bool {
+pub(super) fn has_role(claims: &Value, role: &str) -> bool {
     let in_list = |v: Option<&Value>| match v {
         Some(Value::String(s)) => s.split_whitespace().any(|r| r == role),
         Some(Value::Array(a)) => a.iter().any(|r| r.as_str() == Some(role)),

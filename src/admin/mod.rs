@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 
 mod api;
 
-pub use api::SeenLogoutTokens;
+pub(crate) use api::SeenLogoutTokens;
 
 use crate::pending::Pending;
 use crate::server::Gateway;
@@ -40,13 +40,13 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Extra documents served by the admin listener (the dev JWKS).
 #[derive(Debug, Clone, Default)]
-pub struct Extras {
+pub(crate) struct Extras {
     /// `(path, JSON body)` pairs.
     pub json: Vec<(String, String)>,
 }
 
 /// Serves the admin endpoints until the process exits (it stays up while draining, so probes see 503).
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>) {
+pub(crate) async fn serve(listener: TcpListener, gw: Arc<Gateway>, extras: Arc<Extras>) {
     let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
     loop {
         let (tcp, peer) = match listener.accept().await {

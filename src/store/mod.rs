@@ -55,7 +55,7 @@ impl StoreConfig {
 }
 
 /// A revocation a peer made, or a reload after reconnecting, handed to the gateway.
-pub type Apply = Arc<dyn Fn(Revocation) + Send + Sync>;
+pub(crate) type Apply = Arc<dyn Fn(Revocation) + Send + Sync>;
 
 enum Backend {
     Memory,
@@ -64,7 +64,7 @@ enum Backend {
 }
 
 /// The store handle shared by the admin API and the background task.
-pub struct Store {
+pub(crate) struct Store {
     backend: Backend,
     /// `REVOCATION_MAX_TTL_SECONDS`, for revocations whose token expiry is unknown (the Go channel).
     pub(crate) max_ttl: i64,
@@ -86,7 +86,7 @@ impl Store {
     ///
     /// # Errors
     /// A URL or DSN that the client library refuses (the message names no secret).
-    pub fn new(
+    pub(crate) fn new(
         config: &StoreConfig,
         max_ttl: i64,
         metrics: Arc<Metrics>,
@@ -110,7 +110,7 @@ impl Store {
 
     /// Whether the store is reachable (always, for `memory`).
     #[must_use]
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
 
@@ -130,7 +130,7 @@ impl Store {
 
     /// Stores and publishes `rev` for the other replicas. `false` when the store is unreachable: the revocation is
     /// then queued and written when the store is back.
-    pub async fn publish(&self, rev: &Revocation) -> bool {
+    pub(crate) async fn publish(&self, rev: &Revocation) -> bool {
         let stored = match &self.backend {
             Backend::Memory => Ok(()),
             Backend::Redis(r) => r.publish(rev).await,
@@ -154,7 +154,7 @@ impl Store {
 
     /// Publishes a `jti` revocation that names its subject on the Go gateway's channel too (Redis only), so Go
     /// replicas of a mixed fleet close their sessions.
-    pub async fn publish_go(&self, sub: &str, jti: &str) {
+    pub(crate) async fn publish_go(&self, sub: &str, jti: &str) {
         if let Backend::Redis(r) = &self.backend {
             if let Err(error) = r.publish_go(sub, jti).await {
                 tracing::debug!(event = "store_write_failed", %error, "Go-format publish failed");
@@ -194,16 +194,10 @@ impl Store {
         }
     }
 
-    /// Revocations waiting for the store.
-    #[must_use]
-    pub fn queued(&self) -> usize {
-        self.queued.lock().map_or(0, |q| q.len())
-    }
-
     /// The background task: keeps one subscription (Redis) or `LISTEN` (PostgreSQL) open, reconnecting with
     /// back-off; after each connection reloads the active revocations and writes the queued ones; hands every
     /// revocation it hears to `apply`.
-    pub async fn run(self: Arc<Self>, apply: Apply) {
+    pub(crate) async fn run(self: Arc<Self>, apply: Apply) {
         let mut backoff = Duration::from_millis(200);
         loop {
             let connected = match &self.backend {
