@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+use tokio::time::{Duration, Instant};
 
 /// The set of pending connections, oldest first.
 #[derive(Debug)]
@@ -23,13 +24,13 @@ pub(crate) struct Pending {
 #[derive(Debug, Default)]
 struct Inner {
     next: u64,
-    entries: BTreeMap<u64, (IpAddr, Arc<Notify>)>,
+    entries: BTreeMap<u64, (IpAddr, Arc<Notify>, Instant)>,
     per_peer: HashMap<IpAddr, usize>,
 }
 
 impl Inner {
     fn remove(&mut self, id: u64) -> Option<Arc<Notify>> {
-        let (ip, evict) = self.entries.remove(&id)?;
+        let (ip, evict, _) = self.entries.remove(&id)?;
         if let Some(n) = self.per_peer.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -80,6 +81,21 @@ impl Pending {
         })
     }
 
+    /// When a new connection may be admitted without evicting one younger than `min_age`: `None` when there is
+    /// room now. A burst of legitimate clients (a reconnect storm) then waits in the listen backlog for a moment
+    /// instead of evicting handshakes that are about to complete; idle sockets older than `min_age` still go.
+    pub(crate) fn room_at(&self, min_age: Duration) -> Option<Instant> {
+        let inner = self.inner.lock().ok()?;
+        if inner.entries.len() < self.cap {
+            return None;
+        }
+        inner
+            .entries
+            .values()
+            .next()
+            .map(|(_, _, started)| *started + min_age)
+    }
+
     /// Registers a new connection from `ip`, evicting the oldest entries beyond the limits. Returns the ticket and
     /// how many entries were evicted.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> (Ticket, usize) {
@@ -90,14 +106,16 @@ impl Pending {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             let id = inner.next;
             inner.next += 1;
-            inner.entries.insert(id, (ip, Arc::clone(&evict)));
+            inner
+                .entries
+                .insert(id, (ip, Arc::clone(&evict), Instant::now()));
             let count = inner.per_peer.entry(ip).or_insert(0);
             *count += 1;
             if *count > self.per_peer {
                 let oldest = inner
                     .entries
                     .iter()
-                    .find(|(_, (a, _))| *a == ip)
+                    .find(|(_, (a, _, _))| *a == ip)
                     .map(|(k, _)| *k);
                 if let Some(n) = oldest.and_then(|k| inner.remove(k)) {
                     evicted.push(n);
@@ -137,10 +155,25 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_set_makes_room_only_by_evicting_connections_older_than_the_minimum_age() {
+        let set = Pending::new(2, usize::MAX);
+        let (_a, _) = set.admit(ip(1));
+        assert_eq!(
+            set.room_at(Duration::from_secs(1)),
+            None,
+            "room for one more"
+        );
+        let (_b, _) = set.admit(ip(2));
+        let at = set.room_at(Duration::from_secs(1)).expect("full");
+        assert!(at > Instant::now());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(set.room_at(Duration::from_secs(1)).expect("full") <= Instant::now());
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::SeenLogoutTokens;
@@ -100,6 +101,11 @@ impl Gateway {
     }
 }
 
+/// A pending handshake younger than this is never evicted: a legitimate client completes its TLS handshake and
+/// request head within milliseconds, so in a reconnect storm on a loaded core the newcomers wait in the backlog
+/// rather than kill handshakes that are about to complete. Idle sockets older than this make room at once.
+const EVICTABLE_AGE: Duration = Duration::from_millis(500);
+
 /// Accepts connections until the drain starts; accept errors back off, and each connection runs in its own task.
 ///
 /// Handshakes and sessions have separate budgets. A connection is registered in [`Gateway::pending`] at once, and
@@ -109,7 +115,17 @@ impl Gateway {
 pub(crate) async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guards) {
     let mut signal = gw.signal.clone();
     let mut backoff = Duration::from_millis(5);
-    loop {
+    'accept: loop {
+        // Full of handshakes younger than EVICTABLE_AGE: let the kernel's backlog hold the next client a moment.
+        while let Some(at) = gw.pending.room_at(EVICTABLE_AGE) {
+            if at <= Instant::now() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = signal.reached(Phase::Draining) => break 'accept,
+            }
+        }
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => { backoff = Duration::from_millis(5); c }
