@@ -7,10 +7,16 @@
 //! - `latency`: N sessions fed at a fixed aggregate rate on an open-loop schedule (latency is measured from the
 //!   scheduled send time, so a stalled proxy cannot hide its stall by slowing the client down);
 //! - `bulk`: one session pushing N bytes in 64 KiB frames while reading the echo;
-//! - `idle`: N authenticated sessions held open while the proxy's RSS is read from `/proc/PID/status`.
+//! - `idle`: N authenticated sessions held open while the proxy's RSS is read from `/proc/PID/status`;
+//! - `churn` ([`churn`]): the soak test behind `scripts/churn.sh`: `--total` sessions opened and ended, `--held` at a
+//!   time, ending in a mix of clean closes, client and upstream resets, token expiries, admin revocations and idle
+//!   timeouts; the gateway's open file count and RSS before and after. It runs its own echo upstream
+//!   ([`upstream`]), one that resets a connection on request, and reads the gateway through [`probe`];
+//! - `jwt-key` ([`token`]): a P-256 signing key and its JWKS, for the tokens `churn` mints.
 //!
 //! Every subcommand ends with one line `RESULT {json}` on stdout; diagnostics go to stderr. A run that could not
-//! measure what it was asked exits non-zero without a `RESULT` line.
+//! measure what it was asked exits non-zero without a `RESULT` line; a `churn` run that measured but missed its
+//! target prints its `RESULT` with `"pass": false` and exits 1.
 //!
 //! Limits: open files are capped at 20,000 per process on the benchmark machines, and a proxied session costs the
 //! proxy two sockets, so session counts above [`MAX_SESSIONS`] are refused. Client sockets are bound in turn to
@@ -18,6 +24,8 @@
 //! timeout and every loop ends by itself.
 
 #![forbid(unsafe_code)]
+// The `churn` RESULT is one `json!` object with about 50 fields, past the default macro recursion limit of 128.
+#![recursion_limit = "256"]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +44,11 @@ use tokio::net::{TcpListener, TcpSocket};
 use ws_gateway::frame::{self, OP_BINARY, OP_CLOSE};
 use ws_gateway::net::{Io, Url};
 use ws_gateway::upgrade::accept_key;
+
+mod churn;
+mod probe;
+mod token;
+mod upstream;
 
 /// Most sessions (or concurrent handshake loops) one run may open: the proxy holds two sockets per session under a
 /// 20,000 open-file cap.
@@ -130,6 +143,20 @@ enum Mode {
         #[arg(long, default_value_t = 64)]
         open_concurrency: usize,
     },
+    /// Sessions opened and ended in churn, some held at a time; the gateway's open files and RSS before and after.
+    Churn(Box<churn::ChurnArgs>),
+    /// Writes a P-256 signing key (PKCS#8 DER) and the JWKS that publishes it.
+    JwtKey {
+        /// `kid` of the key.
+        #[arg(long, default_value = "churn")]
+        kid: String,
+        /// Where the private key goes (mode 0600).
+        #[arg(long)]
+        pkcs8_out: PathBuf,
+        /// Where the JWKS goes.
+        #[arg(long)]
+        jwks_out: PathBuf,
+    },
 }
 
 /// Where to connect and how.
@@ -196,9 +223,21 @@ fn main() {
                 settle,
                 open_concurrency,
             } => idle(target, sessions, hold, settle, open_concurrency).await,
+            Mode::Churn(args) => churn::churn(*args).await,
+            Mode::JwtKey {
+                kid,
+                pkcs8_out,
+                jwks_out,
+            } => token::write_key(&kid, &pkcs8_out, &jwks_out).map(Some),
         }
     });
     match outcome {
+        // A measured run that missed its target (`churn`) still prints its figures, then exits 1.
+        Ok(Some(result)) if result.get("pass") == Some(&Value::Bool(false)) => {
+            println!("RESULT {result}");
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            fail("the run did not pass (see \"pass\" in the RESULT)");
+        }
         Ok(Some(result)) => println!("RESULT {result}"),
         Ok(None) => {}
         Err(e) => fail(&e),
@@ -327,15 +366,20 @@ impl Dialer {
         Ok(Io::ClientTls(Box::new(tls)))
     }
 
-    /// Connect, TLS and the upgrade up to the verified 101.
+    /// Connect, TLS and the upgrade up to the verified 101, with the `--token` of the target.
     async fn open(&self, n: u64) -> Result<Session, Failure> {
+        self.open_with(n, self.token.as_deref()).await
+    }
+
+    /// Connect, TLS and the upgrade up to the verified 101, with `token` as the bearer.
+    async fn open_with(&self, n: u64, token: Option<&str>) -> Result<Session, Failure> {
         let mut io = self.connect().await?;
         let key = STANDARD.encode(mask_key(n).repeat(4));
         let mut req = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
             self.url.path_and_query, self.url.authority
         );
-        if let Some(token) = &self.token {
+        if let Some(token) = token {
             req.push_str("Authorization: Bearer ");
             req.push_str(token);
             req.push_str("\r\n");
