@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -84,6 +84,8 @@ pub struct Registry {
     next: AtomicU64,
     /// One pointer per session, so the map's spare capacity costs little per live session.
     sessions: Mutex<HashMap<u64, Arc<SessionControl>>>,
+    /// The most sessions held at once since [`Registry::take_high_water`] last read it.
+    high_water: AtomicUsize,
 }
 
 /// Removes its session from the registry when dropped.
@@ -111,6 +113,7 @@ impl Registry {
         let control = Arc::new(SessionControl::new(info));
         if let Ok(mut s) = self.sessions.lock() {
             s.insert(id, Arc::clone(&control));
+            self.high_water.fetch_max(s.len(), Ordering::Relaxed);
         }
         Registration {
             id,
@@ -159,6 +162,19 @@ impl Registry {
     #[must_use]
     pub fn len(&self) -> usize {
         self.sessions.lock().map_or(0, |s| s.len())
+    }
+
+    /// The most sessions held at once since the last call, which starts the next period at the current count.
+    pub fn take_high_water(&self) -> usize {
+        let now = self.len();
+        self.high_water.swap(now, Ordering::Relaxed).max(now)
+    }
+
+    /// Gives back the table's spare room once it is mostly empty.
+    pub fn shrink(&self) {
+        if let Ok(mut s) = self.sessions.lock() {
+            crate::memory::shrink_sparse(&mut s);
+        }
     }
 
     /// Whether no session is live.

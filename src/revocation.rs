@@ -184,6 +184,7 @@ impl Revocations {
     pub fn purge(&self, now: i64) {
         if let Ok(mut map) = self.map.write() {
             map.retain(|_, r| r.expires_at > now);
+            crate::memory::shrink_sparse(&mut map);
             self.any.store(!map.is_empty(), Ordering::Release);
         }
     }
