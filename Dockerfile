@@ -11,7 +11,8 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 # Everything .dockerignore lets through: Cargo.toml, Cargo.lock, src/, and any
-# other target directories the manifest names.
+# other target directories the manifest names. Cargo reads every workspace
+# member's manifest (bench/loadgen/), though only the gateway is built here.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -6,7 +6,8 @@
 #   QUICK=1 scripts/bench.sh      smoke run with tiny numbers (~1 minute after the build)
 #   SAVE=1 scripts/bench.sh       also copy the table and chart to bench/results.md and bench/chart.svg
 #
-# Results go to target/bench/: results.jsonl (one RESULT per run, tagged), results.md, chart.svg, and logs/ + conf/.
+# Results go to $CARGO_TARGET_DIR/bench/ (default target/bench/): results.jsonl (one RESULT per run, tagged),
+# results.md, chart.svg, and logs/ + conf/; the binaries come from $CARGO_TARGET_DIR/release/ too.
 # Exits non-zero when any run did not produce its RESULT line. Loopback only; every process started is killed on
 # exit. Knobs (env): BENCH_PORT_BASE (18400), GW_LOG (RUST_LOG for ws-gateway, default info as shipped),
 # IDLE_GW ("1000 5000"), IDLE_OTHERS (1000), HS_CONCURRENCY, HS_SECONDS, LAT_SESSIONS, LAT_RATE, LAT_SECONDS, LAT_RUNS,
@@ -14,7 +15,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=$ROOT/target/bench
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+OUT=$TARGET_DIR/bench
 CONF=$OUT/conf
 LOGS=$OUT/logs
 QUICK=${QUICK:-0}
@@ -100,9 +102,9 @@ haproxy -vv 2>/dev/null | grep -q 'OPENSSL' || die "haproxy was built without Op
 log "$(haproxy -v | head -1 | cut -c1-40); $(nginx -v 2>&1)"
 
 log "building ws-gateway and ws-loadgen (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin ws-gateway --bin ws-loadgen) || die "cargo build failed"
-GW=$ROOT/target/release/ws-gateway
-LG=$ROOT/target/release/ws-loadgen
+(cd "$ROOT" && cargo build --release --quiet -p ws-gateway -p ws-loadgen --bin ws-gateway --bin ws-loadgen) || die "cargo build failed"
+GW=$TARGET_DIR/release/ws-gateway
+LG=$TARGET_DIR/release/ws-loadgen
 
 rm -rf "$CONF" "$LOGS"
 mkdir -p "$CONF/jwks" "$LOGS" "$CONF/nginx-temp"

@@ -78,7 +78,7 @@ ulimit -n 20000 2>/dev/null || true
 
 if [[ $BUILD == 1 ]]; then
   log "building ws-gateway and ws-loadgen (release)"
-  (cd "$ROOT" && cargo build --release --quiet --bin ws-gateway --bin ws-loadgen) || die "cargo build failed"
+  (cd "$ROOT" && cargo build --release --quiet -p ws-gateway -p ws-loadgen --bin ws-gateway --bin ws-loadgen) || die "cargo build failed"
 fi
 GW=$TARGET_DIR/release/ws-gateway
 LG=$TARGET_DIR/release/ws-loadgen

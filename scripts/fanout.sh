@@ -7,9 +7,11 @@
 #   STORE=postgres scripts/fanout.sh  PostgreSQL (run as root: the cluster runs as the postgres OS user)
 #   SESSIONS=200 scripts/fanout.sh
 #
-# Loopback only; every process started is stopped on exit. Prints the example's lines and its RESULT.
+# Loopback only; every process started is stopped on exit. Prints the example's lines and its RESULT. The binaries
+# are built into $CARGO_TARGET_DIR (default target/).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 STORE=${STORE:-redis}
 SESSIONS=${SESSIONS:-1000}
 WORK=$(mktemp -d)
@@ -27,10 +29,10 @@ free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0)
 wait_tcp() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
 log "building (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin ws-gateway --bin ws-loadgen --example revocation_fanout)
-GW=$ROOT/target/release/ws-gateway
-LG=$ROOT/target/release/ws-loadgen
-FAN=$ROOT/target/release/examples/revocation_fanout
+(cd "$ROOT" && cargo build --release --quiet -p ws-gateway -p ws-loadgen --bin ws-gateway --bin ws-loadgen --example revocation_fanout)
+GW=$TARGET_DIR/release/ws-gateway
+LG=$TARGET_DIR/release/ws-loadgen
+FAN=$TARGET_DIR/release/examples/revocation_fanout
 
 cd "$WORK"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out cert.pem -days 1 \

@@ -58,8 +58,8 @@ stage() { # stage NAME COMMAND...
   fi
 }
 
-stage build cargo build --locked --all-targets
-stage cargo-test cargo test --locked --no-fail-fast
+stage build cargo build --locked --workspace --all-targets
+stage cargo-test cargo test --locked --workspace --no-fail-fast
 stage manifests bash scripts/check-manifests.sh
 # A short bounded pass over every fuzz target (nightly toolchain, cargo-fuzz installed when missing).
 stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" bash scripts/fuzz.sh

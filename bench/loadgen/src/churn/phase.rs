@@ -311,7 +311,7 @@ impl Phase {
             // Minted once the turn to open has come: a slot can wait seconds for it, and an `expiry` token must
             // still have its whole lifetime when the session starts.
             let minted = self.token(n, kind)?;
-            let mut s = self.dialer.open_with(n, Some(&minted.token)).await?;
+            let mut s = self.dialer.open_with(Some(&minted.token)).await?;
             s.ping(b"churn:hello").await?;
             Ok::<_, Failure>((s, minted))
         }

@@ -34,8 +34,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use rustls_pki_types::ServerName;
 use serde_json::{json, Value};
@@ -43,7 +41,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use ws_gateway::frame::{self, OP_BINARY, OP_CLOSE};
 use ws_gateway::net::{Io, Url};
-use ws_gateway::upgrade::accept_key;
+use ws_gateway::upstream::{handshake, Handshake, UpstreamError, UpstreamRequest};
 
 mod churn;
 mod probe;
@@ -53,8 +51,6 @@ mod upstream;
 /// Most sessions (or concurrent handshake loops) one run may open: the proxy holds two sockets per session under a
 /// 20,000 open-file cap.
 const MAX_SESSIONS: usize = 9_000;
-/// Largest response head accepted from the server.
-const MAX_HEAD: usize = 16 * 1024;
 /// Largest echoed frame accepted.
 const MAX_FRAME: usize = 1 << 20;
 /// Clock ticks per second in `/proc/PID/stat` (USER_HZ, 100 on every Linux ABI this runs on).
@@ -367,78 +363,50 @@ impl Dialer {
     }
 
     /// Connect, TLS and the upgrade up to the verified 101, with the `--token` of the target.
-    async fn open(&self, n: u64) -> Result<Session, Failure> {
-        self.open_with(n, self.token.as_deref()).await
+    async fn open(&self) -> Result<Session, Failure> {
+        self.open_with(self.token.as_deref()).await
     }
 
-    /// Connect, TLS and the upgrade up to the verified 101, with `token` as the bearer.
-    async fn open_with(&self, n: u64, token: Option<&str>) -> Result<Session, Failure> {
+    /// Connect, TLS and the upgrade up to the verified 101, with `token` as the bearer: the library's client
+    /// handshake, the one the gateway uses to dial its upstreams.
+    async fn open_with(&self, token: Option<&str>) -> Result<Session, Failure> {
         let mut io = self.connect().await?;
-        let key = STANDARD.encode(mask_key(n).repeat(4));
-        let mut req = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
-            self.url.path_and_query, self.url.authority
-        );
-        if let Some(token) = token {
-            req.push_str("Authorization: Bearer ");
-            req.push_str(token);
-            req.push_str("\r\n");
-        }
-        req.push_str("\r\n");
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        let req = UpstreamRequest::client(&self.url, &headers, &[]);
         let step = self.step;
-        tokio::time::timeout(step, async {
-            io.write_all(req.as_bytes())
-                .await
-                .map_err(|e| failure("io", e))?;
-            io.flush().await.map_err(|e| failure("io", e))?;
-            let mut buf = Vec::with_capacity(1024);
-            let mut chunk = [0u8; 4096];
-            loop {
-                let n = io.read(&mut chunk).await.map_err(|e| failure("io", e))?;
-                if n == 0 {
-                    return Err(failure(
-                        "closed_before_101",
-                        "connection closed before the response",
-                    ));
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let mut headers = [httparse::EMPTY_HEADER; 32];
-                let mut resp = httparse::Response::new(&mut headers);
-                match resp.parse(&buf) {
-                    Ok(httparse::Status::Complete(used)) => {
-                        let code = resp.code.unwrap_or(0);
-                        if code != 101 {
-                            return Err(failure(
-                                format!("status_{code}"),
-                                format!("HTTP {code} instead of 101"),
-                            ));
-                        }
-                        let accept = resp
-                            .headers
-                            .iter()
-                            .find(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Accept"))
-                            .map(|h| h.value);
-                        if accept != Some(accept_key(&key).as_bytes()) {
-                            return Err(failure("bad_accept", "wrong Sec-WebSocket-Accept"));
-                        }
-                        let rest = buf.split_off(used);
-                        return Ok(Session {
-                            io,
-                            buf: rest,
-                            step,
-                            sent: 0,
-                        });
-                    }
-                    Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-                    Ok(httparse::Status::Partial) => {
-                        return Err(failure("bad_response", "response head too large"))
-                    }
-                    Err(e) => return Err(failure("bad_response", e)),
-                }
-            }
+        let Handshake { rest, .. } = tokio::time::timeout(step, handshake(&mut io, &req))
+            .await
+            .map_err(|_| failure("upgrade_timeout", "no 101 in time"))?
+            .map_err(upgrade_failure)?;
+        Ok(Session {
+            io,
+            buf: rest,
+            step,
+            sent: 0,
         })
-        .await
-        .map_err(|_| failure("upgrade_timeout", "no 101 in time"))?
+    }
+}
+
+/// The kind a failed upgrade is counted under in a RESULT's `error_kinds`. Two kinds are told apart by the library's
+/// message; `upgrade_failures_keep_their_kinds` fails if those messages change.
+fn upgrade_failure(e: UpstreamError) -> Failure {
+    match e {
+        UpstreamError::Status(code) => failure(
+            format!("status_{code}"),
+            format!("HTTP {code} instead of 101"),
+        ),
+        UpstreamError::Io(e) => failure("io", e),
+        UpstreamError::Handshake("closed before answering") => {
+            failure("closed_before_101", "connection closed before the response")
+        }
+        UpstreamError::Handshake("wrong Sec-WebSocket-Accept") => {
+            failure("bad_accept", "wrong Sec-WebSocket-Accept")
+        }
+        other => failure("bad_response", other),
     }
 }
 
@@ -705,7 +673,7 @@ async fn open_sessions(dialer: &Arc<Dialer>, n: usize, parallel: usize) -> (Vec<
                     break;
                 }
                 let attempt = async {
-                    let mut s = dialer.open(i as u64).await?;
+                    let mut s = dialer.open().await?;
                     s.send_binary(b"hello").await?;
                     s.read_frame().await?;
                     Ok::<_, Failure>(s)
@@ -746,21 +714,18 @@ async fn handshakes(
     let cpu = CpuMeter::start(&target.pid);
     let start = Instant::now();
     let deadline = start + run_for;
-    let counter = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let dialer = Arc::clone(&dialer);
-        let counter = Arc::clone(&counter);
         tasks.push(tokio::spawn(async move {
             let mut hs = Vec::new();
             let mut cycles = Vec::new();
             let mut errors = Errors::default();
             let mut close_timeouts = 0u64;
             while Instant::now() < deadline {
-                let n = counter.fetch_add(1, Ordering::Relaxed) as u64;
                 let t0 = Instant::now();
                 let attempt = async {
-                    let mut s = dialer.open(n).await?;
+                    let mut s = dialer.open().await?;
                     let t_hs = t0.elapsed();
                     s.send_binary(&[0x5a; 32]).await?;
                     let f = s.read_frame().await?;
@@ -1030,7 +995,7 @@ async fn bulk(
     }
     let limit = secs(timeout, "--timeout")?;
     let dialer = Arc::new(Dialer::new(&target)?);
-    let mut s = dialer.open(0).await.map_err(|f| f.detail)?;
+    let mut s = dialer.open().await.map_err(|f| f.detail)?;
     s.send_binary(b"warm").await.map_err(|f| f.detail)?;
     s.read_frame().await.map_err(|f| f.detail)?;
     let Session { io, buf, .. } = s;
@@ -1185,5 +1150,43 @@ mod tests {
     fn too_many_sessions_refused() {
         assert!(check_sessions(MAX_SESSIONS + 1, "--sessions").is_err());
         assert!(check_sessions(0, "--sessions").is_err());
+    }
+
+    /// The kind a failed upgrade is counted under, when the server reads the request, sends `answer` and closes.
+    async fn upgrade_kind(answer: &'static [u8]) -> String {
+        let url = Url::parse_ws("ws://127.0.0.1:1/").expect("url");
+        let req = UpstreamRequest::client(&url, &[("Authorization", "Bearer t")], &[]);
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let serve = tokio::spawn(async move {
+            let mut head = vec![0u8; 4096];
+            let _ = server.read(&mut head).await;
+            let _ = server.write_all(answer).await;
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), handshake(&mut client, &req))
+            .await
+            .expect("in time");
+        serve.abort();
+        upgrade_failure(got.expect_err("the upgrade fails")).kind
+    }
+
+    #[tokio::test]
+    async fn upgrade_failures_keep_their_kinds() {
+        assert_eq!(upgrade_kind(b"").await, "closed_before_101");
+        assert_eq!(
+            upgrade_kind(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n").await,
+            "status_401"
+        );
+        assert_eq!(
+            upgrade_kind(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: c29tZXRoaW5nIGVsc2U=\r\n\r\n"
+            )
+            .await,
+            "bad_accept"
+        );
+        assert_eq!(
+            upgrade_kind(b"HTTP/1.1 101 \0\r\n\r\n").await,
+            "bad_response"
+        );
     }
 }
