@@ -32,11 +32,11 @@ AUDIENCE=ws-gateway
 if [[ $QUICK == 1 ]]; then
   TOTAL=${TOTAL:-2000}; HELD=${HELD:-200}; HOLD_MIN=${HOLD_MIN:-0.5}; HOLD_MAX=${HOLD_MAX:-1.5}
   EXPIRY=${EXPIRY:-2}; IDLE=${IDLE:-5}; WARMUP=${WARMUP:-200}; DURATION_MAX=${DURATION_MAX:-60}
-  SETTLE_MAX=${SETTLE_MAX:-10}
+  SETTLE_MAX=${SETTLE_MAX:-90}
 else
   TOTAL=${TOTAL:-100000}; HELD=${HELD:-5000}; HOLD_MIN=${HOLD_MIN:-3}; HOLD_MAX=${HOLD_MAX:-7}
   EXPIRY=${EXPIRY:-5}; IDLE=${IDLE:-10}; WARMUP=${WARMUP:-1000}; DURATION_MAX=${DURATION_MAX:-600}
-  SETTLE_MAX=${SETTLE_MAX:-30}
+  SETTLE_MAX=${SETTLE_MAX:-90}
 fi
 RSS_TOLERANCE=${RSS_TOLERANCE:-5}
 MIX=${MIX:-clean=35,client_reset=15,expiry=15,upstream_reset=15,revoke=10,idle=10}
@@ -126,6 +126,8 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 [[ $code == 200 ]] || die "ws-gateway not ready (readyz $code); see $OUT/ws-gateway.log"
+# A 200 from another process on the same admin port would hide a gateway that failed to bind.
+kill -0 "$GW_PID" 2>/dev/null || die "ws-gateway exited (another process on its ports?); see $OUT/ws-gateway.log"
 
 log "churn: $ROUNDS x $TOTAL sessions, $HELD held, mix $MIX (gateway pid $GW_PID; $(nproc) cores)"
 rc=0
