@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         max_bytes: 8192,
         forward_claims: vec![],
         required_typ: None,
+        limit_claim: None,
     };
     let verifier = Verifier::new(policy, cache);
 

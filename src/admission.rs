@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::auth::source::{find_token, Source};
 use crate::auth::{AuthError, Identity};
+use crate::limits::Lease;
 use crate::metrics::protocol_label;
 use crate::net::Io;
 use crate::refusal::{Channel, Refusal, Refuser, Response};
@@ -30,6 +31,7 @@ pub(crate) struct Established<'a> {
     pub(crate) identity: Identity,
     pub(crate) source: Source,
     pub(crate) slot: OwnedSemaphorePermit,
+    pub(crate) lease: Option<Lease>,
 }
 
 /// Everything before the relay; `None` when the connection was refused or went away (already answered and logged).
@@ -132,7 +134,7 @@ pub(crate) async fn establish(
         }
         Err(e) => return at.refuse(&mut io, e).await,
     };
-    let (slot, connected) =
+    let (slot, lease, connected) =
         match connect_upstream(gw, &io, peer, &head, route, &identity, false).await {
             Ok(c) => c,
             Err(e) => return at.refuse(&mut io, e).await,
@@ -165,10 +167,12 @@ pub(crate) async fn establish(
         identity,
         source,
         slot,
+        lease,
     })
 }
 
-/// After authentication, on both paths: a session slot (`MAX_CONNECTIONS`), then the upstream dial and its 101.
+/// After authentication, on both paths: the subject's limits (rate, then a lease), a session slot
+/// (`MAX_CONNECTIONS`), then the upstream dial and its 101.
 pub(crate) async fn connect_upstream(
     gw: &Gateway,
     io: &Io,
@@ -177,15 +181,16 @@ pub(crate) async fn connect_upstream(
     route: &Route,
     identity: &Identity,
     mqtt: bool,
-) -> Result<(OwnedSemaphorePermit, upstream::Connected), Refusal> {
+) -> Result<(OwnedSemaphorePermit, Option<Lease>, upstream::Connected), Refusal> {
     gw.metrics.auth_success.inc();
+    let lease = gw.limits.admit(identity).await?;
     let slot = Arc::clone(&gw.sessions)
         .try_acquire_owned()
         .map_err(|_| Refusal::Busy)?;
     // The MQTT path answered the client's handshake itself, without extensions: offer none upstream either.
     let request = upstream::build_request(head, route, &forwarding(gw, io, peer, identity, mqtt));
     let connected = dial(gw, route, &request).await?;
-    Ok((slot, connected))
+    Ok((slot, lease, connected))
 }
 
 fn forwarding<'a>(

@@ -329,11 +329,11 @@ pub struct Settings {
     #[arg(long, env = "PROXY_PROTOCOL_TRUSTED_CIDRS", value_name = "CIDR,...")]
     pub proxy_protocol_trusted_cidrs: Option<CommaList>,
 
-    /// Redis, for shared revocation and limits (reserved; validated, not used yet).
+    /// Redis URL (`redis://` or `rediss://`): revocations and per-subject limits shared by the replicas.
     #[arg(long, env = "REDIS_URL", value_name = "URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
-    /// Postgres, the durable session record (reserved; validated, not used yet).
+    /// PostgreSQL DSN: revocations and per-subject limits shared by the replicas (when REDIS_URL is not set).
     #[arg(long, env = "POSTGRES_DSN", value_name = "DSN", hide_env_values = true)]
     pub postgres_dsn: Option<String>,
 
@@ -391,6 +391,34 @@ pub struct Settings {
     /// Client id that back-channel logout tokens must name in `aud` [default: one of JWT_EXPECTED_AUDIENCE].
     #[arg(long, env = "OIDC_CLIENT_ID", value_name = "ID")]
     pub oidc_client_id: Option<String>,
+
+    /// New sessions per second one subject (or LIMIT_KEY_CLAIM value) may open, shared by the replicas through the
+    /// state store; a decimal, 0 = off [default: 0].
+    #[arg(long, env = "RATE_LIMIT_PER_SECOND", value_name = "RATE")]
+    pub rate_limit_per_second: Option<f64>,
+
+    /// Sessions a subject may open at once before RATE_LIMIT_PER_SECOND paces it [default: the rate rounded up,
+    /// at least 1].
+    #[arg(long, env = "RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Claim whose value keys the per-subject limits instead of `sub` (for example a tenant claim).
+    #[arg(long, env = "LIMIT_KEY_CLAIM", value_name = "CLAIM")]
+    pub limit_key_claim: Option<String>,
+
+    /// Sessions one subject may hold at once, across replicas; 0 = off [default: 0].
+    #[arg(long, env = "MAX_SESSIONS_PER_SUBJECT", value_name = "N")]
+    pub max_sessions_per_subject: Option<u32>,
+
+    /// A session's lease in the state store: renewed by its replica, gone this long after the replica dies
+    /// [default: 30].
+    #[arg(long, env = "SESSION_LEASE_SECONDS", value_name = "SECONDS")]
+    pub session_lease_seconds: Option<u64>,
+
+    /// One session over MAX_SESSIONS_PER_SUBJECT: `reject` answers 429, `evict-oldest` closes the subject's
+    /// oldest session (Close 1008 "session limit") on whichever replica holds it [default: reject].
+    #[arg(long, env = "SESSION_LIMIT_POLICY", value_name = "POLICY")]
+    pub session_limit_policy: Option<String>,
 
     /// Listen with SO_REUSEPORT, so a new process can bind the same port while the old one drains.
     #[arg(long, env = "REUSE_PORT", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
@@ -481,6 +509,12 @@ impl Settings {
             admin_token_file,
             admin_required_role,
             oidc_client_id,
+            rate_limit_per_second,
+            rate_limit_burst,
+            limit_key_claim,
+            max_sessions_per_subject,
+            session_lease_seconds,
+            session_limit_policy,
         } = file;
         Settings {
             config: self.config,
@@ -546,6 +580,12 @@ impl Settings {
             admin_token_file: self.admin_token_file.or(admin_token_file),
             admin_required_role: self.admin_required_role.or(admin_required_role),
             oidc_client_id: self.oidc_client_id.or(oidc_client_id),
+            rate_limit_per_second: self.rate_limit_per_second.or(rate_limit_per_second),
+            rate_limit_burst: self.rate_limit_burst.or(rate_limit_burst),
+            limit_key_claim: self.limit_key_claim.or(limit_key_claim),
+            max_sessions_per_subject: self.max_sessions_per_subject.or(max_sessions_per_subject),
+            session_lease_seconds: self.session_lease_seconds.or(session_lease_seconds),
+            session_limit_policy: self.session_limit_policy.or(session_limit_policy),
         }
     }
 
@@ -554,6 +594,7 @@ impl Settings {
     /// # Errors
     /// The first invalid setting, by name.
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        let limits = self.limit_settings()?;
         let tls = match (self.tls_cert_file, self.tls_key_file) {
             (Some(cert), Some(key)) => {
                 crate::tls::load_certified_key(&cert, &key).map_err(|e| ConfigError::new(e.setting(), e.to_string()))?;
@@ -965,6 +1006,7 @@ impl Settings {
             admin_token,
             admin_role,
             oidc_client_id: self.oidc_client_id.filter(|s| !s.is_empty()),
+            limits,
             redis_url: self.redis_url.filter(|s| !s.is_empty()),
             postgres_dsn: self.postgres_dsn.filter(|s| !s.is_empty()),
             log_format: self.log_format.unwrap_or_default(),
@@ -976,6 +1018,105 @@ impl Settings {
 /// The longest any time setting may be: a week. Deadlines are `Instant`s, and a value near `u64::MAX` seconds made
 /// the first connection panic on overflow after passing `--check-config`.
 pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+
+impl Settings {
+    /// `RATE_LIMIT_*`, `LIMIT_KEY_CLAIM`, `MAX_SESSIONS_PER_SUBJECT`, `SESSION_LEASE_SECONDS`,
+    /// `SESSION_LIMIT_POLICY`.
+    fn limit_settings(&self) -> Result<LimitSettings, ConfigError> {
+        const RATE: &str = "RATE_LIMIT_PER_SECOND (--rate-limit-per-second)";
+        let rate = self.rate_limit_per_second.unwrap_or(0.0);
+        if !rate.is_finite() || !(0.0..=1_000_000.0).contains(&rate) {
+            return Err(ConfigError::new(
+                RATE,
+                format!("must be a number between 0 and 1000000, got {rate}"),
+            ));
+        }
+        // Invariant: rate is finite and at most 1e6, so the rounded value fits.
+        let default_burst = (rate.ceil() as u64).max(1);
+        let burst = bounded(
+            self.rate_limit_burst.map_or(default_burst, u64::from),
+            1,
+            1_000_000,
+            "RATE_LIMIT_BURST (--rate-limit-burst)",
+        )?;
+        let key_claim = match self.limit_key_claim.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(c) if c.len() <= 128 && !c.chars().any(char::is_control) => Some(c.to_owned()),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "LIMIT_KEY_CLAIM (--limit-key-claim)",
+                    "must be a claim name of at most 128 printable characters",
+                ))
+            }
+        };
+        let max_sessions = bounded(
+            u64::from(self.max_sessions_per_subject.unwrap_or(0)),
+            0,
+            100_000,
+            "MAX_SESSIONS_PER_SUBJECT (--max-sessions-per-subject)",
+        )?;
+        let lease = bounded(
+            self.session_lease_seconds.unwrap_or(30),
+            3,
+            3_600,
+            "SESSION_LEASE_SECONDS (--session-lease-seconds)",
+        )?;
+        let evict_oldest = match self
+            .session_limit_policy
+            .as_deref()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("reject") => false,
+            Some("evict-oldest") => true,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "SESSION_LIMIT_POLICY (--session-limit-policy)",
+                    "must be reject or evict-oldest",
+                ))
+            }
+        };
+        Ok(LimitSettings {
+            rate_per_second: rate,
+            // Invariant: bounded above by 1e6.
+            burst: burst as u32,
+            key_claim,
+            max_sessions: max_sessions as u32,
+            lease: Duration::from_secs(lease),
+            evict_oldest,
+        })
+    }
+}
+
+/// Per-subject limits (`RATE_LIMIT_PER_SECOND` and friends); all off by default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitSettings {
+    /// New sessions per second per key; 0 is off.
+    pub rate_per_second: f64,
+    /// Bucket size.
+    pub burst: u32,
+    /// Claim that keys the limits instead of `sub`.
+    pub key_claim: Option<String>,
+    /// Sessions per key at once; 0 is off.
+    pub max_sessions: u32,
+    /// Lease lifetime in the store.
+    pub lease: Duration,
+    /// `SESSION_LIMIT_POLICY=evict-oldest`.
+    pub evict_oldest: bool,
+}
+
+impl Default for LimitSettings {
+    fn default() -> LimitSettings {
+        LimitSettings {
+            rate_per_second: 0.0,
+            burst: 1,
+            key_claim: None,
+            max_sessions: 0,
+            lease: Duration::from_secs(30),
+            evict_oldest: false,
+        }
+    }
+}
 
 fn bounded(v: u64, min: u64, max: u64, setting: &str) -> Result<u64, ConfigError> {
     if (min..=max).contains(&v) {
@@ -1145,9 +1286,11 @@ pub struct Config {
     pub admin_role: Option<String>,
     /// `aud` a back-channel logout token must contain.
     pub oidc_client_id: Option<String>,
-    /// Reserved for revocation.
+    /// Per-subject limits.
+    pub limits: LimitSettings,
+    /// Redis URL, as given.
     pub redis_url: Option<String>,
-    /// Reserved for revocation.
+    /// PostgreSQL DSN, as given.
     pub postgres_dsn: Option<String>,
     /// Log output format.
     pub log_format: LogFormat,

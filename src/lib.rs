@@ -17,6 +17,7 @@
 //! - `relay`: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
 //! - [`mqtt`]: the token in the MQTT CONNECT password (the CONNECT parser and the flow), for clients that cannot
 //!   set headers;
+//! - `limits`: per-subject connection rate and session cap, shared through the store;
 //! - `session`: session accounting, what is counted and logged when a relayed session ends;
 //! - `registry`: live sessions by subject and token id, closable from outside;
 //! - [`revocation`]: revocations and their local copy; `store`: Redis and PostgreSQL, shared by the replicas;
@@ -37,6 +38,7 @@ pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod frame;
+mod limits;
 pub mod logging;
 mod memory;
 pub mod metrics;
@@ -168,10 +170,9 @@ pub async fn run(
         config.auth.jwks_refetch_interval,
         Arc::clone(&metrics),
     ));
-    let verifier = Arc::new(auth::jwt::Verifier::new(
-        auth::jwt::Policy::from_settings(&config.auth),
-        Arc::clone(&cache),
-    ));
+    let mut policy = auth::jwt::Policy::from_settings(&config.auth);
+    policy.limit_claim = config.limits.key_claim.clone();
+    let verifier = Arc::new(auth::jwt::Verifier::new(policy, Arc::clone(&cache)));
 
     if config.auth.origins.is_empty() {
         tracing::warn!(event = "origins_unset", "WS_ALLOWED_ORIGINS is not set: every request that carries an Origin (all browsers) is refused");
@@ -203,7 +204,19 @@ pub async fn run(
         revocations: Arc::new(revocation::Revocations::default()),
         store: Arc::clone(&store),
         logout_jtis: admin::SeenLogoutTokens::default(),
+        limits: Arc::new(limits::SubjectLimits::new(
+            config.limits.clone(),
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+        )),
     });
+    {
+        let limits = Arc::clone(&gw.limits);
+        store.on_evict(Arc::new(move |e| {
+            limits.on_eviction(e);
+        }));
+        tokio::spawn(Arc::clone(&gw.limits).renew());
+    }
     {
         let gw = Arc::clone(&gw);
         let apply: store::Apply = Arc::new(move |rev| {

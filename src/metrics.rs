@@ -67,6 +67,12 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Times the shared state store was lost.
     pub store_reconnects: Counter,
+    /// Sessions refused or closed by a limit, by kind (`subject_rate`, `subject_sessions`, ...): the Go name.
+    pub rate_limit_violations: Family<Labels1, Counter>,
+    /// Session leases this replica holds under MAX_SESSIONS_PER_SUBJECT.
+    pub session_leases: Gauge,
+    /// Per-subject limit decisions taken per process because the store could not answer, by limit.
+    pub limit_fallbacks: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -105,6 +111,9 @@ impl Metrics {
             revocations: Family::default(),
             store_up: Gauge::default(),
             store_reconnects: Counter::default(),
+            rate_limit_violations: Family::default(),
+            session_leases: Gauge::default(),
+            limit_fallbacks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -222,6 +231,21 @@ impl Metrics {
             "ws_state_store_reconnects",
             "Times the shared state store was lost",
             m.store_reconnects.clone(),
+        );
+        registry.register(
+            "ws_rate_limit_violations",
+            "Sessions refused or closed by a limit, by kind",
+            m.rate_limit_violations.clone(),
+        );
+        registry.register(
+            "ws_session_leases",
+            "Session leases this replica holds under MAX_SESSIONS_PER_SUBJECT",
+            m.session_leases.clone(),
+        );
+        registry.register(
+            "ws_limit_fallbacks",
+            "Per-subject limit decisions taken per process because the state store could not answer",
+            m.limit_fallbacks.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -200,6 +200,16 @@ pub fn connack_unavailable(level: u8) -> Vec<u8> {
     }
 }
 
+/// CONNACK "quota exceeded": MQTT 5 reason code 0x97; 3.1/3.1.1 have none, so return code 3 (server unavailable).
+#[must_use]
+pub fn connack_quota_exceeded(level: u8) -> Vec<u8> {
+    if level >= 5 {
+        vec![0x20, 0x03, 0x00, 0x97, 0x00]
+    } else {
+        vec![0x20, 0x02, 0x00, 0x03]
+    }
+}
+
 /// Reads WebSocket frames from the client until a complete CONNECT: returns it and every raw byte read (masked
 /// frames, as sent), which the caller forwards unchanged.
 ///
@@ -298,7 +308,7 @@ pub(crate) async fn session<'a>(
         Ok(i) => i,
         Err(e) => return at.refuse(&mut io, e.into()).await,
     };
-    let (slot, connected) =
+    let (slot, lease, connected) =
         match connect_upstream(gw, &io, peer, head, route, &identity, true).await {
             Ok(c) => c,
             Err(e) => return at.refuse(&mut io, e).await,
@@ -320,6 +330,7 @@ pub(crate) async fn session<'a>(
         identity,
         source: Source::MqttPassword,
         slot,
+        lease,
     })
 }
 

@@ -11,6 +11,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::auth::AuthError;
 use crate::frame;
+use crate::limits::LimitError;
 use crate::mqtt::MqttError;
 use crate::net::Io;
 use crate::route::Route;
@@ -42,6 +43,9 @@ pub(crate) enum Refusal {
     /// The first MQTT packet is not a valid CONNECT.
     #[error("{0}")]
     Mqtt(#[from] MqttError),
+    /// The subject is over `RATE_LIMIT_PER_SECOND` or `MAX_SESSIONS_PER_SUBJECT`.
+    #[error("{0}")]
+    Limit(#[from] LimitError),
 }
 
 /// Where the answer goes: an HTTP response, or frames after the gateway's own 101 to an MQTT client (with the
@@ -66,6 +70,7 @@ impl Refusal {
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::Busy => "busy",
             Refusal::Mqtt(_) => "mqtt_malformed",
+            Refusal::Limit(e) => e.kind(),
         }
     }
 
@@ -111,6 +116,14 @@ impl Refusal {
                 Response::new(503, "too many sessions; try again").header("Retry-After", "1")
             }
             Refusal::Mqtt(_) => Response::new(400, "bad request: expected MQTT CONNECT"),
+            Refusal::Limit(LimitError::Rate { retry_after }) => Response::new(
+                429,
+                "too many new sessions for this subject; try again later",
+            )
+            .header("Retry-After", retry_after.to_string()),
+            Refusal::Limit(LimitError::Sessions) => {
+                Response::new(429, "too many sessions for this subject")
+            }
         }
     }
 
@@ -131,6 +144,14 @@ impl Refusal {
                 unavailable,
                 frame::CLOSE_UNAVAILABLE,
                 "upstream unavailable",
+            ),
+            Refusal::Limit(e) => (
+                level.map(crate::mqtt::connack_quota_exceeded),
+                frame::CLOSE_POLICY,
+                match e {
+                    LimitError::Rate { .. } => "rate limit exceeded",
+                    LimitError::Sessions => "session limit",
+                },
             ),
         }
     }

@@ -71,7 +71,7 @@ pub(crate) enum EndReason {
     Expired,
     /// The drain deadline passed.
     Drain,
-    /// Closed from outside (revocation).
+    /// Closed from outside: a revocation, or an eviction under MAX_SESSIONS_PER_SUBJECT ("session limit").
     Revoked(&'static str),
     /// The client's socket failed.
     ClientError,
@@ -89,6 +89,7 @@ impl EndReason {
             EndReason::WriteTimeout => "write_timeout",
             EndReason::Expired => "token_expired",
             EndReason::Drain => "drain",
+            EndReason::Revoked("session limit") => "session_limit",
             EndReason::Revoked(_) => "revoked",
             EndReason::ClientError => "client_error",
             EndReason::UpstreamError => "upstream_error",

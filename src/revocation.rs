@@ -218,6 +218,7 @@ mod tests {
             session_id: sid.map(str::to_owned),
             issued_at: iat,
             expires_at: 10_000,
+            limit_claim: None,
             forwarded: Vec::new(),
         }
     }

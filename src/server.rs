@@ -45,6 +45,8 @@ pub(crate) struct Gateway {
     pub pending: Arc<Pending>,
     /// The local copy of the active revocations, consulted at admission.
     pub revocations: Arc<Revocations>,
+    /// Per-subject rate and session cap.
+    pub limits: Arc<crate::limits::SubjectLimits>,
     /// The shared state store revocations are published to.
     pub store: Arc<Store>,
     /// Back-channel logout token ids already used.

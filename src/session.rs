@@ -33,6 +33,7 @@ pub(crate) fn relay<'a>(
         identity,
         source,
         slot,
+        lease,
     } = est;
     let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
     let remaining = (identity.expires_at + leeway - unix_now()).max(0);
@@ -47,6 +48,9 @@ pub(crate) fn relay<'a>(
         peer,
         started: SystemTime::now(),
     });
+    if let Some(lease) = &lease {
+        lease.attach(&registration.control);
+    }
     let expires_at = Instant::now() + Duration::from_secs(u64::try_from(remaining).unwrap_or(0));
     let limits = Limits {
         idle: gw.config.timeouts.idle,
@@ -100,6 +104,7 @@ pub(crate) fn relay<'a>(
         );
         drop(session);
         drop(registration);
+        drop(lease);
         drop(slot);
         drop(guard);
     }

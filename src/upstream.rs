@@ -429,6 +429,7 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             session_id: None,
             issued_at: None,
             expires_at: 0,
+            limit_claim: None,
             forwarded: vec![],
         };
         let fwd = Forwarding {

@@ -133,3 +133,50 @@ async fn the_password_path_can_be_turned_off() {
     let gw = env.gateway(&[]).await;
     assert_eq!(connect_ws(&env.pki, &gw, "/", &[]).await.err(), Some(401));
 }
+
+#[tokio::test]
+async fn a_subject_over_its_rate_gets_connack_quota_exceeded_and_1008() {
+    let env = Env::new().await;
+    let gw = env
+        .gateway(&["--rate-limit-per-second", "0.01", "--rate-limit-burst", "1"])
+        .await;
+    let token = env.signer.valid("iot-device", 300);
+    // The first session takes the subject's only token.
+    let mut first = connect_ws(
+        &env.pki,
+        &gw,
+        "/mqtt",
+        &[("Sec-WebSocket-Protocol", "mqtt")],
+    )
+    .await
+    .expect("101");
+    within(first.send(Message::binary(connect(5, Some(&token)))))
+        .await
+        .expect("send");
+    assert_eq!(next_binary(&mut first).await, connect(5, Some(&token)));
+    for (level, connack) in [
+        (5, vec![0x20, 0x03, 0x00, 0x97, 0x00]),
+        (4, vec![0x20, 0x02, 0x00, 0x03]),
+    ] {
+        let mut ws = connect_ws(
+            &env.pki,
+            &gw,
+            "/mqtt",
+            &[("Sec-WebSocket-Protocol", "mqtt")],
+        )
+        .await
+        .expect("101");
+        within(ws.send(Message::binary(connect(level, Some(&token)))))
+            .await
+            .expect("send");
+        assert_eq!(next_binary(&mut ws).await, connack, "level {level}");
+        let (code, reason) = next_close(&mut ws).await;
+        assert_eq!((code, reason.as_str()), (1008, "rate limit exceeded"));
+    }
+    gw.wait_log(&["\"rejected\"", "subject_rate"]).await;
+    assert_eq!(
+        env.upstream.count(),
+        1,
+        "only the first session reached the upstream"
+    );
+}

@@ -21,6 +21,7 @@ fn policy() -> Policy {
             ("roles".into(), "X-Auth-Roles".into()),
         ],
         required_typ: None,
+        limit_claim: Some("tenant".into()),
     }
 }
 

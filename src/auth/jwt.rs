@@ -33,6 +33,8 @@ pub struct Policy {
     pub forward_claims: Vec<(String, String)>,
     /// Required JOSE `typ` (`JWT_REQUIRED_TYP`), e.g. `at+jwt`.
     pub required_typ: Option<String>,
+    /// Claim that keys the per-subject limits (`LIMIT_KEY_CLAIM`).
+    pub limit_claim: Option<String>,
 }
 
 impl Policy {
@@ -47,6 +49,7 @@ impl Policy {
             max_bytes: s.max_token_bytes,
             forward_claims: s.forward_claims.clone(),
             required_typ: s.required_typ.clone(),
+            limit_claim: None,
         }
     }
 }
@@ -226,6 +229,12 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
         issued_at: iat,
         expires_at: exp,
         forwarded,
+        limit_claim: policy
+            .limit_claim
+            .as_ref()
+            .and_then(|c| claims.get(c))
+            .and_then(text)
+            .filter(|v| !v.is_empty()),
     })
 }
 
@@ -496,6 +505,7 @@ mod tests {
                 ("roles".into(), "X-Auth-Roles".into()),
             ],
             required_typ: None,
+            limit_claim: None,
         }
     }
 

@@ -183,4 +183,6 @@ pub struct Identity {
     pub expires_at: i64,
     /// Values of the configured forwarded claims, as `(header, value)`.
     pub forwarded: Vec<(String, String)>,
+    /// The value of `LIMIT_KEY_CLAIM`, when it is configured and the token carries it.
+    pub limit_claim: Option<String>,
 }

@@ -12,8 +12,10 @@ mod postgres;
 mod redis;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
 use crate::revocation::Revocation;
@@ -57,6 +59,27 @@ impl StoreConfig {
 /// A revocation a peer made, or a reload after reconnecting, handed to the gateway.
 pub(crate) type Apply = Arc<dyn Fn(Revocation) + Send + Sync>;
 
+/// An eviction heard on the store's channel, handed to the per-subject limits.
+pub(crate) type OnEvict = Arc<dyn Fn(&Eviction) + Send + Sync>;
+
+/// `SESSION_LIMIT_POLICY=evict-oldest`: the lease `member` of `key` lost its place to a newer session; the replica
+/// holding it closes that session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Eviction {
+    pub(crate) key: String,
+    pub(crate) member: String,
+}
+
+/// Longest eviction message accepted from the store.
+const MAX_EVICTION_BYTES: usize = 1_024;
+
+/// A lease the store granted: its full member name, and the members it evicted to make room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseGrant {
+    pub(crate) member: String,
+    pub(crate) evicted: Vec<String>,
+}
+
 enum Backend {
     Memory,
     Redis(redis::RedisStore),
@@ -71,6 +94,7 @@ pub(crate) struct Store {
     up: AtomicBool,
     queued: Mutex<Vec<Revocation>>,
     metrics: Arc<Metrics>,
+    on_evict: OnceLock<OnEvict>,
 }
 
 impl std::fmt::Debug for Store {
@@ -103,6 +127,7 @@ impl Store {
             up: AtomicBool::new(memory),
             queued: Mutex::new(Vec::new()),
             metrics,
+            on_evict: OnceLock::new(),
         });
         store.metrics.store_up.set(i64::from(memory));
         Ok(store)
@@ -159,6 +184,96 @@ impl Store {
             if let Err(error) = r.publish_go(sub, jti).await {
                 tracing::debug!(event = "store_write_failed", %error, "Go-format publish failed");
             }
+        }
+    }
+
+    /// Whether the replicas share this store (Redis or PostgreSQL).
+    #[must_use]
+    pub(crate) fn is_shared(&self) -> bool {
+        !matches!(self.backend, Backend::Memory)
+    }
+
+    /// Where evictions heard on the store's channel go; set once, at start.
+    pub(crate) fn on_evict(&self, f: OnEvict) {
+        let _ = self.on_evict.set(f);
+    }
+
+    /// An eviction message from the store: parsed, bounded, handed on.
+    fn hear_eviction(&self, payload: &[u8]) {
+        if payload.len() > MAX_EVICTION_BYTES {
+            return;
+        }
+        match serde_json::from_slice::<Eviction>(payload) {
+            Ok(e) => {
+                if let Some(f) = self.on_evict.get() {
+                    f(&e);
+                }
+            }
+            Err(_) => tracing::debug!(
+                event = "store_message_ignored",
+                "malformed eviction from the store ignored"
+            ),
+        }
+    }
+
+    /// One token from `key`'s bucket (`rate` per second, `burst` at most): 0 when taken, else the milliseconds
+    /// until one is available.
+    pub(crate) async fn rate_take(&self, key: &str, rate: f64, burst: u32) -> Result<u64, String> {
+        match &self.backend {
+            Backend::Memory => Err("no shared store".into()),
+            Backend::Redis(r) => r.rate_take(key, rate, burst).await,
+            Backend::Postgres(p) => p.rate_take(key, rate, burst).await,
+        }
+    }
+
+    /// A lease for one more session of `key`, named `prefix/<start>`; `None` when `max` are held and `evict` is
+    /// off. With `evict`, the oldest leases make room and are named in the grant.
+    pub(crate) async fn lease_acquire(
+        &self,
+        key: &str,
+        prefix: &str,
+        lease: Duration,
+        max: u32,
+        evict: bool,
+    ) -> Result<Option<LeaseGrant>, String> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        match &self.backend {
+            Backend::Memory => Err("no shared store".into()),
+            Backend::Redis(r) => r.lease_acquire(key, prefix, lease_ms, max, evict).await,
+            Backend::Postgres(p) => p.lease_acquire(key, prefix, lease_ms, max, evict).await,
+        }
+    }
+
+    /// Extends `leases` (key, member) by `lease` from now; a lease the store no longer holds stays gone.
+    pub(crate) async fn lease_renew(
+        &self,
+        leases: &[(String, String)],
+        lease: Duration,
+    ) -> Result<(), String> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        match &self.backend {
+            Backend::Memory => Ok(()),
+            Backend::Redis(r) => r.lease_renew(leases, lease_ms).await,
+            Backend::Postgres(p) => p.lease_renew(leases, lease_ms).await,
+        }
+    }
+
+    /// Gives a lease back.
+    pub(crate) async fn lease_release(&self, key: &str, member: &str) -> Result<(), String> {
+        match &self.backend {
+            Backend::Memory => Ok(()),
+            Backend::Redis(r) => r.lease_release(key, member).await,
+            Backend::Postgres(p) => p.lease_release(key, member).await,
+        }
+    }
+
+    /// Tells the replica holding `eviction.member` to close that session.
+    pub(crate) async fn publish_eviction(&self, eviction: &Eviction) -> Result<(), String> {
+        let json = serde_json::to_string(eviction).map_err(|e| e.to_string())?;
+        match &self.backend {
+            Backend::Memory => Ok(()),
+            Backend::Redis(r) => r.publish_eviction(&json).await,
+            Backend::Postgres(p) => p.publish_eviction(&json).await,
         }
     }
 
