@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Fuzzes every parser of outside bytes (the cargo-fuzz targets in fuzz/), one target after the other, each for a
-# bounded time. Builds all targets first, so each target's time is fuzzing time. Installs cargo-fuzz when missing;
-# needs the nightly toolchain (`cargo +nightly`).
+# bounded time. Builds all targets first, so each target's time is fuzzing time. Installs cargo-fuzz when missing.
+# cargo-fuzz needs nightly flags: the nightly toolchain is used when installed, else the machine's own toolchain
+# with RUSTC_BOOTSTRAP=1 (a new machine has only the one toolchain rustup installed, and its rust-std ships the
+# sanitizer runtimes).
 #
 #   scripts/fuzz.sh                  every target, FUZZ_SECONDS each (default 60)
 #   scripts/fuzz.sh frame_tracker    one target
-#   FUZZ_SECONDS=5 scripts/fuzz.sh   a short pass (CI)
+#   FUZZ_SECONDS=5 FUZZ_PROFILE=dev scripts/fuzz.sh   a short pass (CI): an unoptimized build, 2-3 times
+#                                    faster to build, slower to run (FUZZ_PROFILE=release, the default, is -O -a)
 #
 # Seeds are read from fuzz/corpus/TARGET (committed, never written); what libFuzzer learns goes to
 # fuzz/target/corpus/TARGET and is reused by the next run. A crash leaves its input in fuzz/artifacts/TARGET/ and the
 # whole log in fuzz/target/logs/TARGET.log; reproduce it with
-#   cargo +nightly fuzz run -O -a TARGET fuzz/artifacts/TARGET/crash-...
+#   cargo +nightly fuzz run -O -a TARGET fuzz/artifacts/TARGET/crash-...   (or RUSTC_BOOTSTRAP=1 cargo fuzz run ...)
 # Prints one line per target (executions, crashed or not) and ends with "fuzz: N passed, N failed"; exits 1 when
 # any target failed.
 set -uo pipefail
@@ -20,8 +23,18 @@ export CARGO_TERM_COLOR=never
 seconds=${FUZZ_SECONDS:-60}
 targets=(request_head frame_tracker mqtt_connect proxy_protocol jwt jwks oidc_discovery url path cert_validity revocation_message)
 # Optimized, with debug assertions and overflow checks: an arithmetic overflow on outside bytes is a finding.
-# Build and run must use the same flags, or `run` rebuilds.
-flags=(-O -a)
+# `dev` keeps both (it is a debug build) and builds faster. Build and run must use the same flags, or `run` rebuilds.
+case "${FUZZ_PROFILE:-release}" in
+  release) flags=(-O -a); profile_dir=release ;;
+  dev) flags=(--dev); profile_dir=debug ;;
+  *) echo "fuzz.sh: FUZZ_PROFILE must be release or dev, not '${FUZZ_PROFILE}'" >&2; exit 2 ;;
+esac
+if cargo +nightly --version >/dev/null 2>&1; then
+  toolchain=(+nightly)
+else
+  toolchain=()
+  export RUSTC_BOOTSTRAP=1
+fi
 
 if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
   echo "fuzz.sh: FUZZ_SECONDS must be a positive number of seconds, not '$seconds'" >&2
@@ -39,7 +52,7 @@ if [ $# -eq 1 ]; then
   targets=("$1")
 fi
 
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+if ! cargo "${toolchain[@]}" fuzz --version >/dev/null 2>&1; then
   echo "fuzz.sh: installing cargo-fuzz"
   cargo install cargo-fuzz --locked || exit 1
 fi
@@ -47,7 +60,8 @@ fi
 build_target=()
 [ ${#targets[@]} -eq 1 ] && build_target=("${targets[0]}")
 start=$(date +%s)
-if ! cargo +nightly fuzz build "${flags[@]}" "${build_target[@]}"; then
+echo "fuzz.sh: toolchain $(rustc "${toolchain[@]}" --version)${RUSTC_BOOTSTRAP:+ with RUSTC_BOOTSTRAP=1}, profile ${FUZZ_PROFILE:-release}"
+if ! cargo "${toolchain[@]}" fuzz build "${flags[@]}" "${build_target[@]}"; then
   echo "fuzz: build failed"
   echo "fuzz: 0 passed, ${#targets[@]} failed"
   exit 1
@@ -55,7 +69,7 @@ fi
 echo "fuzz.sh: built in $(($(date +%s) - start))s; ${seconds}s per target"
 # The binaries just built run directly (what `cargo fuzz run` does after its own build step): a source edit during
 # the pass then cannot trigger a rebuild inside a target's time, and every target runs the same library build.
-bin_dir=fuzz/target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
+bin_dir=fuzz/target/$(rustc "${toolchain[@]}" -vV | sed -n 's/^host: //p')/$profile_dir
 
 mkdir -p fuzz/target/logs
 passed=0

@@ -66,8 +66,9 @@ stage cargo-test cargo test --locked --workspace --no-fail-fast
 stage manifests bash scripts/check-manifests.sh
 # The real Traefik 3.7 in front of the gateway: TLS at Traefik, and SNI passthrough with PROXY v2.
 stage traefik bash scripts/traefik.sh
-# A short bounded pass over every fuzz target (nightly toolchain, cargo-fuzz installed when missing).
-stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" bash scripts/fuzz.sh
+# A short bounded pass over every fuzz target (cargo-fuzz installed when missing; nightly if installed, else the
+# stable toolchain with RUSTC_BOOTSTRAP=1).
+stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}" bash scripts/fuzz.sh
 [ -f scripts/e2e.sh ] && stage e2e bash scripts/e2e.sh
 [ -f scripts/bench.sh ] && stage bench-smoke env QUICK=1 bash scripts/bench.sh
 
