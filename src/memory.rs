@@ -109,10 +109,14 @@ mod tests {
     #[test]
     fn a_sparse_table_shrinks_and_a_busy_one_keeps_its_room() {
         let mut map: HashMap<u32, u32> = (0..10_000).map(|i| (i, i)).collect();
-        let full = map.capacity();
         map.retain(|k, _| *k < 5_000);
         shrink_sparse(&mut map);
-        assert_eq!(map.capacity(), full, "half full is not sparse");
+        // (capacity() counts deleted slots out, so it is not exactly what it was.)
+        assert!(
+            map.capacity() > 10_000,
+            "half full is not sparse: {}",
+            map.capacity()
+        );
         map.retain(|k, _| *k < 100);
         shrink_sparse(&mut map);
         assert!(

@@ -34,12 +34,30 @@ async fn metric(gw: &Gateway, name: &str) -> f64 {
         .sum()
 }
 
+/// Waits until the gateway has connected to its store (readiness does not wait for it: until then, and whenever
+/// the store is unreachable, limits hold per process).
+async fn store_up(gw: &Gateway) {
+    within(async {
+        while metric(gw, "ws_state_store_up").await != 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+async fn replicas(env: &Env, flags: &[&str]) -> (Gateway, Gateway) {
+    let a = env.gateway(flags).await;
+    let b = env.gateway(flags).await;
+    store_up(&a).await;
+    store_up(&b).await;
+    (a, b)
+}
+
 async fn rate_is_shared(store: &[&str]) {
     let env = Env::new().await;
     let mut flags = vec!["--rate-limit-per-second", "0.2", "--rate-limit-burst", "2"];
     flags.extend_from_slice(store);
-    let a = env.gateway(&flags).await;
-    let b = env.gateway(&flags).await;
+    let (a, b) = replicas(&env, &flags).await;
     let alice = env.signer.valid("alice", 300);
     let _one = connect_bearer(&env.pki, &a, "/ws", &alice)
         .await
@@ -153,8 +171,7 @@ async fn evicts_oldest_across_replicas(store: &[&str]) {
         "evict-oldest",
     ];
     flags.extend_from_slice(store);
-    let a = env.gateway(&flags).await;
-    let b = env.gateway(&flags).await;
+    let (a, b) = replicas(&env, &flags).await;
     let alice = env.signer.valid("alice", 300);
     let mut old = connect_bearer(&env.pki, &a, "/ws", &alice)
         .await
@@ -229,12 +246,7 @@ async fn with_redis_killed_the_limits_hold_per_process_and_nobody_legitimate_is_
     );
     // Back: shared again.
     redis.restart().await;
-    within(async {
-        while metric(&gw, "ws_state_store_up").await != 1.0 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    store_up(&gw).await;
     let before = metric(&gw, "ws_limit_fallbacks_total").await;
     connect_bearer(&env.pki, &gw, "/ws", &env.signer.valid("dave", 300))
         .await
