@@ -33,6 +33,7 @@ pub(crate) fn relay<'a>(
         identity,
         source,
         slot,
+        lease,
     } = est;
     let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
     let remaining = (identity.expires_at + leeway - unix_now()).max(0);
@@ -101,6 +102,7 @@ pub(crate) fn relay<'a>(
         drop(session);
         drop(registration);
         drop(slot);
+        drop(lease);
         drop(guard);
     }
 }
