@@ -1504,6 +1504,111 @@ mod tests {
     }
 
     #[test]
+    fn upstream_settings_have_defaults_bounds_and_lists() {
+        let base = ["--jwks-url", "http://idp/jwks"];
+        let mut args = base.to_vec();
+        args.extend(["--upstream-ws-url", "ws://a:1/mqtt, wss://b/ ,ws://[::1]:9"]);
+        let ok = parse(&args).resolve().expect("defaults");
+        let urls = &ok.routes.routes()[0].upstreams;
+        assert_eq!(
+            urls.iter().map(|u| u.host.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "::1"]
+        );
+        let u = ok.upstream;
+        assert_eq!(u.dns_refresh, Duration::from_secs(10));
+        assert_eq!(u.balance, Balance::LeastConnections);
+        assert_eq!(
+            (u.failure_threshold, u.open_timeout),
+            (5, Duration::from_secs(10))
+        );
+        assert_eq!(u.healthcheck, None);
+        assert_eq!(
+            (u.retry_max, u.retry_interval),
+            (2, Duration::from_millis(100))
+        );
+        assert!(!u.readiness_requires_upstream);
+
+        let mut args = base.to_vec();
+        args.extend([
+            "--upstream-ws-url",
+            "ws://a/",
+            "--upstream-balance",
+            "hash-subject",
+            "--ws-dial-retry-interval-seconds",
+            "0.25",
+            "--cb-healthcheck-interval-seconds",
+            "3",
+            "--readiness-requires-upstream",
+        ]);
+        let set = parse(&args).resolve().expect("valid").upstream;
+        assert_eq!(set.balance, Balance::HashSubject);
+        assert_eq!(set.retry_interval, Duration::from_millis(250));
+        assert_eq!(set.healthcheck, Some(Duration::from_secs(3)));
+        assert!(set.readiness_requires_upstream);
+        // The file takes the same keys, the balance in kebab-case and the interval as an integer or a decimal.
+        let file: Settings = toml::from_str(
+            "upstream_ws_url = [\"ws://a/\", \"ws://b/\"]\nupstream_balance = \"hash-subject\"\n\
+ws_dial_retry_interval_seconds = 1\njwks_url = \"http://idp/jwks\"\n",
+        )
+        .expect("toml");
+        let c = Settings::default().merge(file).resolve().expect("valid");
+        assert_eq!(c.routes.routes()[0].upstreams.len(), 2);
+        assert_eq!(c.upstream.balance, Balance::HashSubject);
+        assert_eq!(c.upstream.retry_interval, Duration::from_secs(1));
+
+        for (flag, value, setting) in [
+            (
+                "--upstream-dns-refresh-seconds",
+                "0",
+                "UPSTREAM_DNS_REFRESH_SECONDS",
+            ),
+            ("--cb-failure-threshold", "0", "CB_FAILURE_THRESHOLD"),
+            ("--cb-failure-threshold", "101", "CB_FAILURE_THRESHOLD"),
+            ("--cb-open-timeout-seconds", "0", "CB_OPEN_TIMEOUT_SECONDS"),
+            (
+                "--cb-healthcheck-interval-seconds",
+                "3601",
+                "CB_HEALTHCHECK_INTERVAL_SECONDS",
+            ),
+            ("--ws-dial-retry-max", "11", "WS_DIAL_RETRY_MAX"),
+            (
+                "--ws-dial-retry-interval-seconds",
+                "10.5",
+                "WS_DIAL_RETRY_INTERVAL_SECONDS",
+            ),
+            (
+                "--ws-dial-retry-interval-seconds",
+                "NaN",
+                "WS_DIAL_RETRY_INTERVAL_SECONDS",
+            ),
+            (
+                "--ws-dial-retry-interval-seconds",
+                "inf",
+                "WS_DIAL_RETRY_INTERVAL_SECONDS",
+            ),
+            ("--upstream-ws-url", "ws://a/,http://b/", "UPSTREAM_WS_URL"),
+        ] {
+            let mut args = vec!["--jwks-url", "http://idp/jwks"];
+            if flag != "--upstream-ws-url" {
+                args.extend(["--upstream-ws-url", "ws://a/"]);
+            }
+            args.extend([flag, value]);
+            let err = parse(&args).resolve().expect_err(value);
+            assert!(err.setting.contains(setting), "{flag} {value}: {err}");
+            assert!(err.setting.contains(flag), "{flag} {value}: {err}");
+        }
+        let many = vec!["ws://a/"; crate::route::MAX_UPSTREAM_URLS + 1].join(",");
+        let err = parse(&["--upstream-ws-url", &many, "--jwks-url", "http://idp/jwks"])
+            .resolve()
+            .expect_err("too many");
+        assert!(err.setting.contains("UPSTREAM_WS_URL"), "{err}");
+        assert!(
+            Settings::try_parse_from(["ws-gateway", "--upstream-balance", "random"]).is_err(),
+            "an unknown policy is refused by the parser"
+        );
+    }
+
+    #[test]
     fn boolish_flags() {
         assert_eq!(
             parse(&["--ws-require-origin"]).ws_require_origin,
