@@ -583,6 +583,148 @@ fn backoff(base: Duration, done: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Balance;
+
+    fn pool(urls: &[&str]) -> Pool {
+        let route = Route {
+            prefix: "/mqtt".into(),
+            upstreams: urls
+                .iter()
+                .map(|u| WsUrl::parse_ws(u).expect("url"))
+                .collect(),
+            copy_subprotocol: true,
+            preserve_query: true,
+            mqtt_connect_auth: None,
+        };
+        let settings = UpstreamSettings {
+            dns_refresh: Duration::from_secs(10),
+            balance: Balance::LeastConnections,
+            failure_threshold: 2,
+            open_timeout: Duration::from_secs(30),
+            healthcheck: None,
+            retry_max: 2,
+            retry_interval: Duration::from_millis(100),
+            readiness_requires_upstream: true,
+        };
+        let tls = crate::tls::client_config(None).expect("tls");
+        Pool::new(
+            &route,
+            settings,
+            Duration::from_secs(1),
+            tls,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, last], 1883))
+    }
+
+    fn found(addrs: &[(usize, SocketAddr)]) -> Resolved {
+        Resolved {
+            addrs: addrs.to_vec(),
+            ..Resolved::default()
+        }
+    }
+
+    fn positions(p: &Pool) -> Vec<(SocketAddr, usize)> {
+        p.endpoints
+            .load()
+            .iter()
+            .map(|e| (e.addr, e.position))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_resolution_keeps_what_stays_and_a_failed_name_keeps_its_endpoints() {
+        let p = pool(&["ws://brokers.headless:1883/mqtt", "ws://other:1883"]);
+        let now = Instant::now();
+        assert!(!p.has_healthy(now), "no endpoint yet: not healthy");
+        p.apply(found(&[(0, addr(1)), (0, addr(2))]));
+        assert_eq!(positions(&p), [(addr(1), 0), (addr(2), 1)]);
+        assert!(p.has_healthy(now));
+        // Endpoint 2's breaker opens; then DNS drops 1 and adds 3.
+        let two = Arc::clone(&p.endpoints.load()[1]);
+        assert_eq!(two.breaker().trip(now, p.policy), Change::Opened);
+        p.apply(found(&[(0, addr(2)), (0, addr(3))]));
+        assert_eq!(
+            positions(&p),
+            [(addr(2), 1), (addr(3), 0)],
+            "3 takes the freed position"
+        );
+        assert!(
+            Arc::ptr_eq(&p.endpoints.load()[0], &two),
+            "2 keeps its breaker"
+        );
+        assert!(!p.endpoints.load()[0].breaker().admits(now));
+        // The second name resolves; then the first fails to: its endpoints stay.
+        p.apply(found(&[(0, addr(2)), (0, addr(3)), (1, addr(9))]));
+        p.apply(Resolved {
+            addrs: vec![(1, addr(9))],
+            failed: vec![(0, "brokers.headless: lookup timed out".into())],
+            dropped: 0,
+        });
+        assert_eq!(
+            positions(&p),
+            [(addr(2), 1), (addr(3), 0), (addr(9), 2)],
+            "a DNS blip does not empty the pool"
+        );
+        // Only endpoint 2 is open: the route is still healthy; with all three open it is not.
+        assert!(p.has_healthy(now));
+        for e in p.endpoints.load().iter() {
+            e.breaker().trip(now, p.policy);
+        }
+        assert!(!p.has_healthy(now));
+        assert!(p.has_healthy(now + Duration::from_secs(30)), "due a trial");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_addresses_is_capped() {
+        let p = pool(&["ws://many:1883"]);
+        let mut r = Resolved::default();
+        for i in 0..200u16 {
+            r.addrs.push((
+                0,
+                SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 1883)),
+            ));
+        }
+        resolve::settle_for_tests(&mut r);
+        p.apply(r);
+        let ps: Vec<usize> = positions(&p).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(ps.len(), MAX_ENDPOINTS);
+        let mut sorted = ps.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..MAX_ENDPOINTS).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn every_breaker_open_means_no_dial_and_a_retry_after() {
+        let p = pool(&["ws://127.0.0.1:9/"]);
+        p.apply(found(&[(0, addr(1)), (0, addr(2))]));
+        let now = Instant::now();
+        for e in p.endpoints.load().iter() {
+            e.breaker().trip(now, p.policy);
+        }
+        let request = |url: &WsUrl| UpstreamRequest::client(url, &[], &[]);
+        let started = Instant::now();
+        let err = p
+            .connect(&request, Some("alice"), started + Duration::from_secs(5))
+            .await
+            .expect_err("all open");
+        match err {
+            UpstreamError::CircuitOpen { retry_after } => {
+                assert!(
+                    retry_after <= Duration::from_secs(30)
+                        && retry_after >= Duration::from_secs(29)
+                );
+            }
+            other => panic!("expected CircuitOpen, got {other}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "nothing dialed"
+        );
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {

@@ -56,6 +56,12 @@ pub(crate) async fn resolve(urls: &[WsUrl], limit: Duration) -> Resolved {
     out
 }
 
+/// [`settle`], for the pool's tests.
+#[cfg(test)]
+pub(crate) fn settle_for_tests(out: &mut Resolved) {
+    settle(out);
+}
+
 /// Sorts, removes duplicates and applies the cap.
 fn settle(out: &mut Resolved) {
     out.addrs.sort();
