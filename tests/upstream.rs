@@ -33,6 +33,8 @@ enum Mode {
     WrongAccept,
     /// Reads the request and closes without answering.
     CloseAtOnce,
+    /// Answers 404: alive, refusing this request.
+    NotFound,
 }
 
 /// A WebSocket endpoint on a fixed port, written by hand so a test can break it in every way: `kill` stops the listener (the port refuses) and resets every live connection, `restart` listens on
@@ -161,6 +163,12 @@ async fn serve_one(s: &mut TcpStream, mode: Mode, tag: &str, upgrades: &AtomicUs
             return;
         }
         Mode::CloseAtOnce => return,
+        Mode::NotFound => {
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            return;
+        }
         Mode::WrongAccept => "AAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_owned(),
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
@@ -637,6 +645,83 @@ async fn hanging_slow_wrong_accept_and_silent_endpoints_are_absorbed_by_retries(
         );
     }
     assert_eq!(good.upgrades.load(Ordering::Relaxed), 6);
+    stop(gw).await;
+}
+
+#[tokio::test]
+async fn without_health_checks_a_trial_after_the_open_time_closes_the_breaker() {
+    let env = Env::new().await;
+    let mut a = Broker::start("a", Mode::Echo).await;
+    let gw = InProcess::start(&args(
+        &env,
+        &[a.url()],
+        &[
+            "--cb-failure-threshold",
+            "1",
+            "--cb-open-timeout-seconds",
+            "1",
+        ],
+    ))
+    .await;
+    a.kill();
+    assert_eq!(attempt(&env, &gw, "alice", "").await.status, 502);
+    let s = attempt(&env, &gw, "alice", "").await;
+    assert_eq!(s.status, 503, "{}", s.head);
+    assert_eq!(s.header("Retry-After").as_deref(), Some("1"));
+    a.restart().await;
+    let back = Instant::now();
+    let recovered = within(async {
+        loop {
+            let mut s = attempt(&env, &gw, "alice", "").await;
+            if s.status == 101 {
+                assert_eq!(s.tag().await, "a");
+                s.finish().await;
+                return back.elapsed();
+            }
+            assert_eq!(s.status, 503, "no dial while open: {}", s.head);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    eprintln!("recovered through a trial after {recovered:?}");
+    assert!(recovered < Duration::from_secs(2), "{recovered:?}");
+    assert_eq!(
+        metric(&gw, "ws_circuit_open_total{route=\"/\",endpoint=\"0\"}").await,
+        1.0
+    );
+    stop(gw).await;
+}
+
+#[tokio::test]
+async fn a_4xx_answer_is_the_requests_fault_not_retried_and_opens_no_breaker() {
+    let env = Env::new().await;
+    let refusing = Broker::start("404", Mode::NotFound).await;
+    let gw = InProcess::start(&args(
+        &env,
+        &[refusing.url()],
+        &["--cb-failure-threshold", "1"],
+    ))
+    .await;
+    for _ in 0..4 {
+        let s = attempt(&env, &gw, "alice", "").await;
+        assert_eq!(s.status, 502, "{}", s.head);
+    }
+    assert_eq!(
+        metric(&gw, "ws_circuit_open_total{route=\"/\",endpoint=\"0\"}").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&gw, "ws_proxy_retries_total{route=\"/\"}").await,
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            "ws_upstream_failures_total{route=\"/\",endpoint=\"0\",kind=\"status\"}"
+        )
+        .await,
+        4.0
+    );
     stop(gw).await;
 }
 
