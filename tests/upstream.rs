@@ -800,7 +800,7 @@ async fn an_upstream_that_ends_without_a_close_gives_1014_and_its_own_close_pass
 #[tokio::test]
 async fn hash_subject_keeps_each_subject_on_its_endpoint_and_moves_only_the_dead_ones() {
     let env = Env::new().await;
-    let mut brokers = vec![
+    let mut brokers = [
         Broker::start("a", Mode::Echo).await,
         Broker::start("b", Mode::Echo).await,
         Broker::start("c", Mode::Echo).await,
