@@ -11,14 +11,13 @@ use tokio::time::Instant;
 
 use crate::auth::source::{find_token, Source};
 use crate::auth::{AuthError, Identity};
-use crate::limits::Lease;
 use crate::metrics::protocol_label;
 use crate::net::Io;
 use crate::refusal::{Channel, Refusal, Refuser, Response};
 use crate::route::Route;
 use crate::server::Gateway;
 use crate::upgrade::{check_upgrade, read_head, ReadHead, RequestHead, UpgradeError};
-use crate::upstream::{self, Forwarding, UpstreamError};
+use crate::upstream::{self, Forwarding, Lease, Pool};
 
 /// A connection that passed every check and has an upstream: what the relay needs, and nothing else.
 pub(crate) struct Established<'a> {
@@ -31,7 +30,10 @@ pub(crate) struct Established<'a> {
     pub(crate) identity: Identity,
     pub(crate) source: Source,
     pub(crate) slot: OwnedSemaphorePermit,
-    pub(crate) lease: Option<Lease>,
+    /// The session's hold on its endpoint (least-connections counts it).
+    pub(crate) lease: Lease,
+    /// The subject's place under MAX_SESSIONS_PER_SUBJECT, when that limit is on.
+    pub(crate) subject_lease: Option<crate::limits::Lease>,
 }
 
 /// Everything before the relay; `None` when the connection was refused or went away (already answered and logged).
@@ -120,22 +122,28 @@ pub(crate) async fn establish(
         let _ = resp.send(&mut io).await;
         return None;
     }
-    let Some(route) = gw.config.routes.find(head.path()) else {
+    let Some(pool) = gw
+        .config
+        .routes
+        .position(head.path())
+        .and_then(|i| gw.pools.get(i))
+    else {
         return at.refuse(&mut io, UpgradeError::NoRoute.into()).await;
     };
+    let route = pool.route();
     at.route = Some(route);
     let (identity, source) = match admit(gw, &head, route).await {
         Ok(ok) => ok,
         Err(Refusal::Auth(AuthError::Missing)) if mqtt_password_applies(gw, &head, route) => {
             return Box::pin(crate::mqtt::session(
-                gw, io, &head, rest, peer, route, deadline,
+                gw, io, &head, rest, peer, pool, deadline,
             ))
             .await;
         }
         Err(e) => return at.refuse(&mut io, e).await,
     };
-    let (slot, lease, connected) =
-        match connect_upstream(gw, &io, peer, &head, route, &identity, false).await {
+    let (slot, connected, lease, subject_lease) =
+        match connect_upstream(gw, &io, peer, &head, pool, &identity, false, deadline).await {
             Ok(c) => c,
             Err(e) => return at.refuse(&mut io, e).await,
         };
@@ -168,29 +176,55 @@ pub(crate) async fn establish(
         source,
         slot,
         lease,
+        subject_lease,
     })
 }
 
+/// What admission holds once the upstream answered: the session slot, the upstream, its endpoint lease, and the
+/// subject's lease.
+pub(crate) type Admitted = (
+    OwnedSemaphorePermit,
+    upstream::Connected,
+    Lease,
+    Option<crate::limits::Lease>,
+);
+
 /// After authentication, on both paths: the subject's limits (rate, then a lease), a session slot
-/// (`MAX_CONNECTIONS`), then the upstream dial and its 101.
+/// (`MAX_CONNECTIONS`), then the upstream dial (an endpoint of `pool`, with its retries) and its 101, all by the
+/// connection's handshake `deadline`.
+#[allow(clippy::too_many_arguments)] // Each is a different piece of the one connection; a struct would only rename them.
 pub(crate) async fn connect_upstream(
     gw: &Gateway,
     io: &Io,
     peer: SocketAddr,
     head: &RequestHead,
-    route: &Route,
+    pool: &Pool,
     identity: &Identity,
     mqtt: bool,
-) -> Result<(OwnedSemaphorePermit, Option<Lease>, upstream::Connected), Refusal> {
+    deadline: Instant,
+) -> Result<Admitted, Refusal> {
     gw.metrics.auth_success.inc();
-    let lease = gw.limits.admit(identity).await?;
+    let subject_lease = gw.limits.admit(identity).await?;
     let slot = Arc::clone(&gw.sessions)
         .try_acquire_owned()
         .map_err(|_| Refusal::Busy)?;
     // The MQTT path answered the client's handshake itself, without extensions: offer none upstream either.
-    let request = upstream::build_request(head, route, &forwarding(gw, io, peer, identity, mqtt));
-    let connected = dial(gw, route, &request).await?;
-    Ok((slot, lease, connected))
+    let fwd = forwarding(gw, io, peer, identity, mqtt);
+    let route = pool.route();
+    let request = |url: &crate::net::WsUrl| upstream::build_request(head, route, url, &fwd);
+    match pool
+        .connect(&request, identity.subject.as_deref(), deadline)
+        .await
+    {
+        Ok((connected, lease)) => Ok((slot, connected, lease, subject_lease)),
+        Err(e) => {
+            gw.metrics
+                .proxy_errors
+                .get_or_create(&[("kind", "upstream")])
+                .inc();
+            Err(e.into())
+        }
+    }
 }
 
 fn forwarding<'a>(
@@ -222,33 +256,6 @@ fn mqtt_password_applies(gw: &Gateway, head: &RequestHead, route: &Route) -> boo
             .values("Sec-WebSocket-Protocol")
             .flat_map(|v| v.split(','))
             .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
-}
-
-/// Dials the route's upstream and checks its 101, recording the dial latency or the failure.
-pub(crate) async fn dial(
-    gw: &Gateway,
-    route: &Route,
-    request: &upstream::UpstreamRequest,
-) -> Result<upstream::Connected, UpstreamError> {
-    let started = Instant::now();
-    let result = upstream::connect(route, request, &gw.upstream_tls, gw.config.timeouts.dial).await;
-    match &result {
-        Ok(_) => gw
-            .metrics
-            .upstream_dial_duration
-            .observe(started.elapsed().as_secs_f64()),
-        Err(e) => {
-            gw.metrics
-                .upstream_failures
-                .get_or_create(&[("kind", e.kind())])
-                .inc();
-            gw.metrics
-                .proxy_errors
-                .get_or_create(&[("kind", "upstream")])
-                .inc();
-        }
-    }
-    result
 }
 
 /// Route-level checks, Origin, then the token.

@@ -137,6 +137,17 @@ pub enum LogFormat {
     Text,
 }
 
+/// How a new session picks among a route's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// The endpoint holding the fewest sessions and dials; ties take turns.
+    #[default]
+    LeastConnections,
+    /// Rendezvous hashing on the verified `sub`: a subject keeps its endpoint while the set is unchanged.
+    HashSubject,
+}
+
 /// Every setting, as flags and environment variables (clap) and as TOML keys (serde).
 ///
 /// Flag names are the kebab-case of the environment names and file keys their snake_case; the few historical
@@ -209,9 +220,10 @@ pub struct Settings {
     #[serde(alias = "tls_key")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// Fallback upstream (ws:// or wss://) for paths no route matches.
-    #[arg(long, env = "UPSTREAM_WS_URL", value_name = "URL")]
-    pub upstream_ws_url: Option<String>,
+    /// Fallback upstream for paths no route matches: ws:// or wss:// URLs (comma list), each address of each name
+    /// an endpoint.
+    #[arg(long, env = "UPSTREAM_WS_URL", value_name = "URL,...")]
+    pub upstream_ws_url: Option<CommaList>,
 
     /// routes.yaml in the Go gateway's format: a list of {prefix, upstream, copySubProtocol, preserveQuery}.
     #[arg(long, env = "ROUTE_FILE", value_name = "FILE")]
@@ -424,6 +436,43 @@ pub struct Settings {
     #[arg(long, env = "REUSE_PORT", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub reuse_port: Option<bool>,
+
+    /// How often upstream host names are resolved again; every address is an endpoint [default: 10].
+    #[arg(long, env = "UPSTREAM_DNS_REFRESH_SECONDS", value_name = "SECONDS")]
+    pub upstream_dns_refresh_seconds: Option<u64>,
+
+    /// How a new session picks an endpoint: least-connections, or hash-subject (a subject keeps its endpoint while
+    /// the set of endpoints is unchanged) [default: least-connections].
+    #[arg(long, env = "UPSTREAM_BALANCE", value_name = "POLICY")]
+    pub upstream_balance: Option<Balance>,
+
+    /// Consecutive dial or handshake failures that open an endpoint's circuit breaker [default: 5].
+    #[arg(long, env = "CB_FAILURE_THRESHOLD", value_name = "N")]
+    pub cb_failure_threshold: Option<u32>,
+
+    /// How long an open breaker refuses dials before one trial decides [default: 10].
+    #[arg(long, env = "CB_OPEN_TIMEOUT_SECONDS", value_name = "SECONDS")]
+    pub cb_open_timeout_seconds: Option<u64>,
+
+    /// Period of the active health check (connect plus WebSocket upgrade on the route's path), which closes a
+    /// breaker early or opens it before clients find out; 0 = off [default: 0].
+    #[arg(long, env = "CB_HEALTHCHECK_INTERVAL_SECONDS", value_name = "SECONDS")]
+    pub cb_healthcheck_interval_seconds: Option<u64>,
+
+    /// Dials retried after a failed one, each on another endpoint when there is one, all before the client is
+    /// answered and within its handshake deadline [default: 2].
+    #[arg(long, env = "WS_DIAL_RETRY_MAX", value_name = "N")]
+    pub ws_dial_retry_max: Option<u32>,
+
+    /// Base of the jittered, doubling back-off before a retry returns to an endpoint already tried (decimal)
+    /// [default: 0.1].
+    #[arg(long, env = "WS_DIAL_RETRY_INTERVAL_SECONDS", value_name = "SECONDS")]
+    pub ws_dial_retry_interval_seconds: Option<f64>,
+
+    /// /readyz answers 503 while any route has no healthy endpoint.
+    #[arg(long, env = "READINESS_REQUIRES_UPSTREAM", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub readiness_requires_upstream: Option<bool>,
 }
 
 impl Settings {
@@ -515,6 +564,14 @@ impl Settings {
             max_sessions_per_subject,
             session_lease_seconds,
             session_limit_policy,
+            upstream_dns_refresh_seconds,
+            upstream_balance,
+            cb_failure_threshold,
+            cb_open_timeout_seconds,
+            cb_healthcheck_interval_seconds,
+            ws_dial_retry_max,
+            ws_dial_retry_interval_seconds,
+            readiness_requires_upstream,
         } = file;
         Settings {
             config: self.config,
@@ -586,6 +643,22 @@ impl Settings {
             max_sessions_per_subject: self.max_sessions_per_subject.or(max_sessions_per_subject),
             session_lease_seconds: self.session_lease_seconds.or(session_lease_seconds),
             session_limit_policy: self.session_limit_policy.or(session_limit_policy),
+            upstream_dns_refresh_seconds: self
+                .upstream_dns_refresh_seconds
+                .or(upstream_dns_refresh_seconds),
+            upstream_balance: self.upstream_balance.or(upstream_balance),
+            cb_failure_threshold: self.cb_failure_threshold.or(cb_failure_threshold),
+            cb_open_timeout_seconds: self.cb_open_timeout_seconds.or(cb_open_timeout_seconds),
+            cb_healthcheck_interval_seconds: self
+                .cb_healthcheck_interval_seconds
+                .or(cb_healthcheck_interval_seconds),
+            ws_dial_retry_max: self.ws_dial_retry_max.or(ws_dial_retry_max),
+            ws_dial_retry_interval_seconds: self
+                .ws_dial_retry_interval_seconds
+                .or(ws_dial_retry_interval_seconds),
+            readiness_requires_upstream: self
+                .readiness_requires_upstream
+                .or(readiness_requires_upstream),
         }
     }
 
@@ -617,13 +690,25 @@ impl Settings {
 
         let fallback = self
             .upstream_ws_url
-            .as_deref()
-            .filter(|s| !s.is_empty())
+            .clone()
+            .unwrap_or_default()
+            .0
+            .iter()
             .map(|u| {
                 WsUrl::parse_ws(u)
                     .map_err(|e| ConfigError::new("UPSTREAM_WS_URL (--upstream-ws-url)", e))
             })
-            .transpose()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        if fallback.len() > crate::route::MAX_UPSTREAM_URLS {
+            return Err(ConfigError::new(
+                "UPSTREAM_WS_URL (--upstream-ws-url)",
+                format!(
+                    "{} URLs; at most {} per route",
+                    fallback.len(),
+                    crate::route::MAX_UPSTREAM_URLS
+                ),
+            ));
+        }
         let routes = match &self.route_file {
             Some(path) => RouteTable::from_file(path, fallback)
                 .map_err(|e| ConfigError::new("ROUTE_FILE (--route-file)", e.to_string()))?,
@@ -912,6 +997,54 @@ impl Settings {
             _ => None,
         };
 
+        let upstream = UpstreamSettings {
+            dns_refresh: Duration::from_secs(bounded(
+                self.upstream_dns_refresh_seconds.unwrap_or(10),
+                1,
+                3600,
+                "UPSTREAM_DNS_REFRESH_SECONDS (--upstream-dns-refresh-seconds)",
+            )?),
+            balance: self.upstream_balance.unwrap_or_default(),
+            failure_threshold: bounded(
+                u64::from(self.cb_failure_threshold.unwrap_or(5)),
+                1,
+                100,
+                "CB_FAILURE_THRESHOLD (--cb-failure-threshold)",
+            )? as u32,
+            open_timeout: Duration::from_secs(bounded(
+                self.cb_open_timeout_seconds.unwrap_or(10),
+                1,
+                3600,
+                "CB_OPEN_TIMEOUT_SECONDS (--cb-open-timeout-seconds)",
+            )?),
+            healthcheck: match bounded(
+                self.cb_healthcheck_interval_seconds.unwrap_or(0),
+                0,
+                3600,
+                "CB_HEALTHCHECK_INTERVAL_SECONDS (--cb-healthcheck-interval-seconds)",
+            )? {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            retry_max: bounded(
+                u64::from(self.ws_dial_retry_max.unwrap_or(2)),
+                0,
+                10,
+                "WS_DIAL_RETRY_MAX (--ws-dial-retry-max)",
+            )? as u32,
+            retry_interval: {
+                let v = self.ws_dial_retry_interval_seconds.unwrap_or(0.1);
+                if !(0.0..=10.0).contains(&v) {
+                    return Err(ConfigError::new(
+                        "WS_DIAL_RETRY_INTERVAL_SECONDS (--ws-dial-retry-interval-seconds)",
+                        format!("must be between 0 and 10 (decimals allowed), got {v}"),
+                    ));
+                }
+                Duration::from_secs_f64(v)
+            },
+            readiness_requires_upstream: self.readiness_requires_upstream.unwrap_or(false),
+        };
+
         let default_listen = if self.dev {
             "127.0.0.1:8443"
         } else {
@@ -936,6 +1069,7 @@ impl Settings {
             admin_listen,
             tls,
             routes,
+            upstream,
             upstream_ca_file: self.upstream_ca_file,
             timeouts: Timeouts {
                 dial: seconds(
@@ -1200,6 +1334,27 @@ pub struct Timeouts {
     pub drain_spread: Duration,
 }
 
+/// How a route's endpoints are found, chosen, guarded and retried.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamSettings {
+    /// How often host names are resolved again.
+    pub dns_refresh: Duration,
+    /// How a new session picks an endpoint.
+    pub balance: Balance,
+    /// Consecutive dial failures that open an endpoint's breaker.
+    pub failure_threshold: u32,
+    /// How long an open breaker refuses dials.
+    pub open_timeout: Duration,
+    /// Active health check period; `None` = off.
+    pub healthcheck: Option<Duration>,
+    /// Dials retried after a failed one.
+    pub retry_max: u32,
+    /// Base of the back-off before a retry returns to an endpoint already tried.
+    pub retry_interval: Duration,
+    /// `/readyz` 503 while a route has no healthy endpoint.
+    pub readiness_requires_upstream: bool,
+}
+
 /// Authentication and Origin settings.
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
@@ -1252,6 +1407,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Path prefix to upstream.
     pub routes: RouteTable,
+    /// Endpoints, balancing, breakers and retries.
+    pub upstream: UpstreamSettings,
     /// Extra CA for wss upstreams.
     pub upstream_ca_file: Option<PathBuf>,
     /// Time limits.
@@ -1487,6 +1644,111 @@ mod tests {
         .resolve()
         .expect_err("hs256");
         assert!(err.setting.contains("JWT_VALID_ALGORITHMS"), "{err}");
+    }
+
+    #[test]
+    fn upstream_settings_have_defaults_bounds_and_lists() {
+        let base = ["--jwks-url", "http://idp/jwks"];
+        let mut args = base.to_vec();
+        args.extend(["--upstream-ws-url", "ws://a:1/mqtt, wss://b/ ,ws://[::1]:9"]);
+        let ok = parse(&args).resolve().expect("defaults");
+        let urls = &ok.routes.routes()[0].upstreams;
+        assert_eq!(
+            urls.iter().map(|u| u.host.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "::1"]
+        );
+        let u = ok.upstream;
+        assert_eq!(u.dns_refresh, Duration::from_secs(10));
+        assert_eq!(u.balance, Balance::LeastConnections);
+        assert_eq!(
+            (u.failure_threshold, u.open_timeout),
+            (5, Duration::from_secs(10))
+        );
+        assert_eq!(u.healthcheck, None);
+        assert_eq!(
+            (u.retry_max, u.retry_interval),
+            (2, Duration::from_millis(100))
+        );
+        assert!(!u.readiness_requires_upstream);
+
+        let mut args = base.to_vec();
+        args.extend([
+            "--upstream-ws-url",
+            "ws://a/",
+            "--upstream-balance",
+            "hash-subject",
+            "--ws-dial-retry-interval-seconds",
+            "0.25",
+            "--cb-healthcheck-interval-seconds",
+            "3",
+            "--readiness-requires-upstream",
+        ]);
+        let set = parse(&args).resolve().expect("valid").upstream;
+        assert_eq!(set.balance, Balance::HashSubject);
+        assert_eq!(set.retry_interval, Duration::from_millis(250));
+        assert_eq!(set.healthcheck, Some(Duration::from_secs(3)));
+        assert!(set.readiness_requires_upstream);
+        // The file takes the same keys, the balance in kebab-case and the interval as an integer or a decimal.
+        let file: Settings = toml::from_str(
+            "upstream_ws_url = [\"ws://a/\", \"ws://b/\"]\nupstream_balance = \"hash-subject\"\n\
+ws_dial_retry_interval_seconds = 1\njwks_url = \"http://idp/jwks\"\n",
+        )
+        .expect("toml");
+        let c = Settings::default().merge(file).resolve().expect("valid");
+        assert_eq!(c.routes.routes()[0].upstreams.len(), 2);
+        assert_eq!(c.upstream.balance, Balance::HashSubject);
+        assert_eq!(c.upstream.retry_interval, Duration::from_secs(1));
+
+        for (flag, value, setting) in [
+            (
+                "--upstream-dns-refresh-seconds",
+                "0",
+                "UPSTREAM_DNS_REFRESH_SECONDS",
+            ),
+            ("--cb-failure-threshold", "0", "CB_FAILURE_THRESHOLD"),
+            ("--cb-failure-threshold", "101", "CB_FAILURE_THRESHOLD"),
+            ("--cb-open-timeout-seconds", "0", "CB_OPEN_TIMEOUT_SECONDS"),
+            (
+                "--cb-healthcheck-interval-seconds",
+                "3601",
+                "CB_HEALTHCHECK_INTERVAL_SECONDS",
+            ),
+            ("--ws-dial-retry-max", "11", "WS_DIAL_RETRY_MAX"),
+            (
+                "--ws-dial-retry-interval-seconds",
+                "10.5",
+                "WS_DIAL_RETRY_INTERVAL_SECONDS",
+            ),
+            (
+                "--ws-dial-retry-interval-seconds",
+                "NaN",
+                "WS_DIAL_RETRY_INTERVAL_SECONDS",
+            ),
+            (
+                "--ws-dial-retry-interval-seconds",
+                "inf",
+                "WS_DIAL_RETRY_INTERVAL_SECONDS",
+            ),
+            ("--upstream-ws-url", "ws://a/,http://b/", "UPSTREAM_WS_URL"),
+        ] {
+            let mut args = vec!["--jwks-url", "http://idp/jwks"];
+            if flag != "--upstream-ws-url" {
+                args.extend(["--upstream-ws-url", "ws://a/"]);
+            }
+            args.extend([flag, value]);
+            let err = parse(&args).resolve().expect_err(value);
+            assert!(err.setting.contains(setting), "{flag} {value}: {err}");
+            assert!(err.setting.contains(flag), "{flag} {value}: {err}");
+        }
+        let many = vec!["ws://a/"; crate::route::MAX_UPSTREAM_URLS + 1].join(",");
+        let err = parse(&["--upstream-ws-url", &many, "--jwks-url", "http://idp/jwks"])
+            .resolve()
+            .expect_err("too many");
+        assert!(err.setting.contains("UPSTREAM_WS_URL"), "{err}");
+        assert!(
+            Settings::try_parse_from(["ws-gateway", "--upstream-balance", "random"]).is_err(),
+            "an unknown policy is refused by the parser"
+        );
     }
 
     #[test]

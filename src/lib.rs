@@ -13,7 +13,8 @@
 //! - [`upgrade`]: the bounded request-head reader, upgrade checks, path normalisation;
 //! - [`route`]: path prefix to upstream (`routes.yaml`);
 //! - [`auth`]: token sources, JWT verification, JWKS cache, the IdP client, Origin policy;
-//! - [`upstream`]: the rewritten upgrade request, the dial, the 101 check;
+//! - [`upstream`]: the rewritten upgrade request, the dial, the 101 check; each route's pool of endpoints (DNS
+//!   re-resolution, balancing, a circuit breaker per endpoint, health checks, retries);
 //! - `relay`: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
 //! - [`mqtt`]: the token in the MQTT CONNECT password (the CONNECT parser and the flow), for clients that cannot
 //!   set headers;
@@ -191,10 +192,26 @@ pub async fn run(
     )
     .map_err(StartError::Store)?;
 
+    let pools: Vec<Arc<upstream::Pool>> = config
+        .routes
+        .routes()
+        .iter()
+        .map(|route| {
+            Arc::new(upstream::Pool::new(
+                route,
+                config.upstream,
+                config.timeouts.dial,
+                Arc::clone(&upstream_tls),
+                Arc::clone(&metrics),
+            ))
+        })
+        .collect();
+    for pool in &pools {
+        tokio::spawn(Arc::clone(pool).run());
+    }
     let gw = Arc::new(server::Gateway {
         config: config.clone(),
         tls: acceptor,
-        upstream_tls,
         verifier,
         metrics: Arc::clone(&metrics),
         registry: Arc::new(registry::Registry::default()),
@@ -209,6 +226,7 @@ pub async fn run(
             Arc::clone(&store),
             Arc::clone(&metrics),
         )),
+        pools,
     });
     {
         let limits = Arc::clone(&gw.limits);

@@ -6,6 +6,7 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,6 +15,34 @@ use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+
+/// A route, by its configured prefix: bounded by the configuration.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route's prefix.
+    pub route: String,
+}
+
+/// One endpoint of a route, by its position (at most 64 per route), never by its address: addresses come from DNS
+/// and change, positions are bounded. The `upstream_endpoints` log line maps positions to addresses.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The route's prefix.
+    pub route: String,
+    /// The endpoint's position, `0` to `63` (`none` when the names resolved to nothing).
+    pub endpoint: String,
+}
+
+/// A failed upstream dial, by endpoint and kind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DialFailureLabels {
+    /// The route's prefix.
+    pub route: String,
+    /// The endpoint's position (`none` when the names resolved to nothing).
+    pub endpoint: String,
+    /// `connect`, `tls`, `timeout`, `status`, `handshake`, `io`, `bad_name` or `resolve`.
+    pub kind: &'static str,
+}
 
 /// Every metric the gateway exports.
 #[derive(Debug)]
@@ -39,8 +68,16 @@ pub struct Metrics {
     pub relay_bytes: Family<Labels1, Counter>,
     /// Upstream connect to 101.
     pub upstream_dial_duration: Histogram,
-    /// Upstream failures by kind.
-    pub upstream_failures: Family<Labels1, Counter>,
+    /// Failed upstream dials (each attempt, retries included) by route, endpoint and kind.
+    pub upstream_failures: Family<DialFailureLabels, Counter>,
+    /// Dials retried on another (or the same) endpoint, by route.
+    pub proxy_retries: Family<RouteLabels, Counter>,
+    /// Times an endpoint's circuit breaker opened.
+    pub circuit_opens: Family<EndpointLabels, Counter>,
+    /// 1 while an endpoint is healthy (its breaker not open), 0 while open.
+    pub upstream_health: Family<EndpointLabels, Gauge>,
+    /// Endpoints a route's names resolve to now.
+    pub upstream_endpoints: Family<RouteLabels, Gauge>,
     /// JWKS refreshes by result and trigger.
     pub jwks_refreshes: Family<Labels2, Counter>,
     /// Age of the keys in use.
@@ -98,6 +135,10 @@ impl Metrics {
             relay_bytes: Family::default(),
             upstream_dial_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             upstream_failures: Family::default(),
+            proxy_retries: Family::default(),
+            circuit_opens: Family::default(),
+            upstream_health: Family::default(),
+            upstream_endpoints: Family::default(),
             jwks_refreshes: Family::default(),
             jwks_key_age: Gauge::default(),
             tls_handshake_failures: Counter::default(),
@@ -168,8 +209,28 @@ impl Metrics {
         );
         registry.register(
             "ws_upstream_failures",
-            "Upstream failures by kind",
+            "Failed upstream dials (every attempt) by route, endpoint and kind",
             m.upstream_failures.clone(),
+        );
+        registry.register(
+            "ws_proxy_retries",
+            "Upstream dials retried, by route",
+            m.proxy_retries.clone(),
+        );
+        registry.register(
+            "ws_circuit_open",
+            "Times an endpoint's circuit breaker opened",
+            m.circuit_opens.clone(),
+        );
+        registry.register(
+            "ws_upstream_health",
+            "1 while an endpoint's circuit breaker is not open",
+            m.upstream_health.clone(),
+        );
+        registry.register(
+            "ws_upstream_endpoints",
+            "Endpoints a route's upstream names resolve to",
+            m.upstream_endpoints.clone(),
         );
         registry.register(
             "ws_jwks_refreshes",

@@ -13,9 +13,9 @@ use crate::auth::source::Source;
 use crate::auth::AuthError;
 use crate::net::Io;
 use crate::refusal::{Channel, Refusal, Refuser};
-use crate::route::Route;
 use crate::server::Gateway;
 use crate::upgrade::RequestHead;
+use crate::upstream::Pool;
 
 use crate::frame::{self, OP_BINARY, OP_CONTINUATION};
 
@@ -260,9 +260,10 @@ pub(crate) async fn session<'a>(
     head: &RequestHead,
     rest: Vec<u8>,
     peer: SocketAddr,
-    route: &'a Route,
+    pool: &'a Pool,
     deadline: Instant,
 ) -> Option<Established<'a>> {
+    let route = pool.route();
     use tokio::io::AsyncWriteExt;
     let started = Instant::now();
     let key = head
@@ -308,8 +309,8 @@ pub(crate) async fn session<'a>(
         Ok(i) => i,
         Err(e) => return at.refuse(&mut io, e.into()).await,
     };
-    let (slot, lease, connected) =
-        match connect_upstream(gw, &io, peer, head, route, &identity, true).await {
+    let (slot, connected, lease, subject_lease) =
+        match connect_upstream(gw, &io, peer, head, pool, &identity, true, deadline).await {
             Ok(c) => c,
             Err(e) => return at.refuse(&mut io, e).await,
         };
@@ -331,6 +332,7 @@ pub(crate) async fn session<'a>(
         source: Source::MqttPassword,
         slot,
         lease,
+        subject_lease,
     })
 }
 

@@ -232,28 +232,27 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<tokio::ne
     socket.listen(1024)
 }
 
-/// Connects TCP (and TLS for a secure URL) under one deadline.
+/// Connects TCP to `addr`, one of `url`'s endpoints (and TLS for a secure URL, verified against the URL's host
+/// name), under one deadline.
 ///
 /// # Errors
-/// Name resolution, connect or TLS failures, or the deadline.
+/// Connect or TLS failures, or the deadline.
 pub async fn dial(
     url: &Url,
+    addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
     limit: Duration,
-) -> Result<(Io, SocketAddr), DialError> {
+) -> Result<Io, DialError> {
     let attempt = async {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port))
-            .await
-            .map_err(DialError::Connect)?;
+        let tcp = TcpStream::connect(addr).await.map_err(DialError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let peer = tcp.peer_addr().map_err(DialError::Connect)?;
         if !url.secure {
-            return Ok((Io::Plain(tcp), peer));
+            return Ok(Io::Plain(tcp));
         }
         let name = ServerName::try_from(url.host.clone()).map_err(|_| DialError::BadName)?;
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
         let stream = connector.connect(name, tcp).await.map_err(DialError::Tls)?;
-        Ok((Io::ClientTls(Box::new(stream)), peer))
+        Ok(Io::ClientTls(Box::new(stream)))
     };
     tokio::time::timeout(limit, attempt)
         .await
@@ -263,7 +262,7 @@ pub async fn dial(
 /// Why a dial failed; [`DialError::kind`] is the bounded metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    /// TCP connect or name resolution.
+    /// TCP connect.
     #[error("connect: {0}")]
     Connect(io::Error),
     /// The host is not a valid TLS server name.

@@ -110,6 +110,11 @@ impl Refusal {
                 format!("Bearer error=\"invalid_token\", error_description=\"{other}\""),
             ),
             Refusal::Origin => Response::new(403, "origin not allowed"),
+            Refusal::Upstream(UpstreamError::CircuitOpen { retry_after }) => Response::new(
+                503,
+                "upstream unavailable: every endpoint's circuit breaker is open",
+            )
+            .header("Retry-After", retry_after.as_secs().max(1).to_string()),
             Refusal::Upstream(_) => Response::new(502, "upstream unavailable"),
             Refusal::HandshakeTimeout => Response::new(408, "request head not received in time"),
             Refusal::Busy => {
@@ -139,7 +144,9 @@ impl Refusal {
             Refusal::Auth(_) | Refusal::Origin | Refusal::Upgrade(_) => {
                 (not_authorized, frame::CLOSE_POLICY, "not authorized")
             }
-            Refusal::Busy => (unavailable, frame::CLOSE_TRY_AGAIN, "try again later"),
+            Refusal::Busy | Refusal::Upstream(UpstreamError::CircuitOpen { .. }) => {
+                (unavailable, frame::CLOSE_TRY_AGAIN, "try again later")
+            }
             Refusal::Upstream(_) => (
                 unavailable,
                 frame::CLOSE_UNAVAILABLE,

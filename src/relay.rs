@@ -1,5 +1,6 @@
 //! The byte relay: raw bytes both ways, no re-framing, half-close propagated, idle and write timeouts, and a Close
-//! frame placed at a frame boundary when the session must end early (token expiry, drain deadline, revocation).
+//! frame placed at a frame boundary when the session must end early (token expiry, drain deadline, revocation, an
+//! upstream that fails or ends without a Close of its own).
 //!
 //! Memory: a direction holds a buffer only while it has bytes in flight. A read borrows a buffer from a per-thread
 //! pool for the duration of one poll and gives it back when the socket has nothing, so an idle session holds no
@@ -75,8 +76,11 @@ pub(crate) enum EndReason {
     Revoked(&'static str),
     /// The client's socket failed.
     ClientError,
-    /// The upstream's socket failed.
+    /// The upstream's socket failed (a reset, say): the client gets Close 1014.
     UpstreamError,
+    /// The upstream ended its stream without a WebSocket Close while the client was not closing: the client gets
+    /// Close 1014 instead of a bare end of stream.
+    UpstreamEof,
 }
 
 impl EndReason {
@@ -93,6 +97,7 @@ impl EndReason {
             EndReason::Revoked(_) => "revoked",
             EndReason::ClientError => "client_error",
             EndReason::UpstreamError => "upstream_error",
+            EndReason::UpstreamEof => "upstream_eof",
         }
     }
 
@@ -116,7 +121,11 @@ impl EndReason {
                 code: frame::CLOSE_POLICY,
                 reason,
             }),
-            _ => None,
+            EndReason::UpstreamError | EndReason::UpstreamEof => Some(CloseRequest {
+                code: frame::CLOSE_UNAVAILABLE,
+                reason: "bad gateway",
+            }),
+            EndReason::Closed | EndReason::WriteTimeout | EndReason::ClientError => None,
         }
     }
 }
@@ -245,13 +254,16 @@ impl Pump {
         }
     }
 
-    /// Copies until end of stream, then shuts the destination's write side (half-close).
+    /// Copies until end of stream, then shuts the destination's write side (half-close). With `close_first`, an end
+    /// of stream that no Close frame preceded is [`Side::Ended`] instead: the session ends, and the gateway sends
+    /// the Close the source did not.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut R,
         dst: &mut W,
         active: &mut Instant,
+        close_first: bool,
     ) -> Poll<Result<(), Side>>
     where
         R: AsyncRead + Unpin,
@@ -276,6 +288,9 @@ impl Pump {
                 };
             }
             match self.poll_fill(cx, src, BUF_SIZE) {
+                Poll::Ready(Ok(0)) if close_first && !self.frames.saw_close() => {
+                    return Poll::Ready(Err(Side::Ended))
+                }
                 Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(_)) => *active = Instant::now(),
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(Side::Source)),
@@ -373,7 +388,7 @@ fn poll_discard<R: AsyncRead + Unpin>(
 }
 
 /// A fresh masking key for a frame the gateway sends upstream as a client (RFC 6455 section 5.3).
-fn mask_key() -> [u8; 4] {
+pub(crate) fn mask_key() -> [u8; 4] {
     use ring::rand::SecureRandom;
     let mut key = [0u8; 4];
     // A failed read of the system RNG leaves a zero key: still a valid frame, only predictable.
@@ -383,7 +398,11 @@ fn mask_key() -> [u8; 4] {
 
 #[derive(Debug, Clone, Copy)]
 enum Side {
+    /// Reading failed.
     Source,
+    /// The source ended without a Close frame (only when the copy was asked to notice).
+    Ended,
+    /// Writing failed.
     Destination,
 }
 
@@ -440,7 +459,8 @@ where
             req = control.requested() => EndReason::Revoked(req.reason),
         };
         let mut close_sent = false;
-        if let Some(req) = reason.close() {
+        // Never a second Close: one the upstream sent has already reached the client.
+        if let Some(req) = reason.close().filter(|_| !self.down.frames.saw_close()) {
             let _ = tokio::time::timeout(self.limits.close_grace, self.close(req, &mut close_sent))
                 .await;
         }
@@ -525,13 +545,19 @@ where
             active,
             ..
         } = self;
-        match up.poll_copy(cx, client, upstream, active) {
-            Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::ClientError),
+        match up.poll_copy(cx, client, upstream, active, false) {
+            Poll::Ready(Err(Side::Source | Side::Ended)) => {
+                return Poll::Ready(EndReason::ClientError)
+            }
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::UpstreamError),
             _ => {}
         }
-        match down.poll_copy(cx, upstream, client, active) {
+        // An upstream that ends without a Close while the client is not closing (no Close, no end of stream from
+        // it) has died: the client must hear so in a Close frame, not read a bare end of stream.
+        let client_closing = up.eof || up.frames.saw_close();
+        match down.poll_copy(cx, upstream, client, active, !client_closing) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::UpstreamError),
+            Poll::Ready(Err(Side::Ended)) => return Poll::Ready(EndReason::UpstreamEof),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::ClientError),
             _ => {}
         }
@@ -877,5 +903,194 @@ mod tests {
             .expect("answer");
         let out = task.await.expect("join");
         assert!(out.close_sent);
+    }
+
+    /// An upstream whose stream ends in a reset: bytes from the other end of a duplex, then `ConnectionReset`
+    /// where the duplex would report its end.
+    struct ResetAtEnd(tokio::io::DuplexStream);
+
+    impl AsyncRead for ResetAtEnd {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            match Pin::new(&mut self.0).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) if buf.filled().len() == before => {
+                    Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+                }
+                other => other,
+            }
+        }
+    }
+
+    impl AsyncWrite for ResetAtEnd {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Reads what the client receives until EOF and splits it into frames (a trailing partial frame is returned
+    /// as bytes).
+    async fn client_frames(client: &mut tokio::io::DuplexStream) -> (Vec<frame::Frame>, Vec<u8>) {
+        let mut buf = Vec::new();
+        client.read_to_end(&mut buf).await.expect("read");
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while let Some((f, used)) = decode(&buf[at..], 1 << 20).expect("valid frames") {
+            at += used;
+            frames.push(f);
+        }
+        (frames, buf[at..].to_vec())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_ends_without_a_close_gets_the_client_a_1014_after_the_last_whole_frame(
+    ) {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (mut gw_up, mut upstream) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        upstream
+            .write_all(&encode(OP_BINARY, b"last words", None))
+            .await
+            .expect("frame");
+        drop(upstream);
+        // The client answers the gateway's Close, as a WebSocket client does.
+        let mut head = [0u8; 12];
+        client.read_exact(&mut head).await.expect("the frame");
+        client
+            .write_all(&frame::close_frame(1014, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("answer");
+        let (frames, rest) = client_frames(&mut client).await;
+        assert!(rest.is_empty());
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].opcode, frame::OP_CLOSE);
+        assert_eq!(frames[0].payload[..2], 1014u16.to_be_bytes());
+        assert_eq!(&frames[0].payload[2..], b"bad gateway");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::UpstreamEof);
+        assert_eq!(out.reason.label(), "upstream_eof");
+        assert!(out.close_sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_reset_gets_the_client_a_1014() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (gw_up, mut upstream) = duplex(1 << 16);
+        let mut gw_up = ResetAtEnd(gw_up);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        upstream
+            .write_all(&encode(OP_BINARY, b"x", None))
+            .await
+            .expect("frame");
+        drop(upstream);
+        let (frames, _) = client_frames(&mut client).await;
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        assert_eq!(frames[0].payload, b"x");
+        assert_eq!(frames[1].opcode, frame::OP_CLOSE);
+        assert_eq!(frames[1].payload[..2], 1014u16.to_be_bytes());
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::UpstreamError);
+        assert!(out.close_sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_from_the_upstream_passes_through_unchanged_and_is_not_doubled() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (gw_up, mut upstream) = duplex(1 << 16);
+        // Even when the upstream resets right after its Close: the client has its Close, no second one follows.
+        let mut gw_up = ResetAtEnd(gw_up);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        let close = frame::close_frame(4000, "broker says bye", None);
+        upstream.write_all(&close).await.expect("close");
+        drop(upstream);
+        let mut got = vec![0u8; close.len()];
+        client.read_exact(&mut got).await.expect("the Close");
+        assert_eq!(got, close, "byte for byte");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::UpstreamError);
+        assert!(!out.close_sent, "no Close of the gateway's own");
+        let (frames, rest) = client_frames(&mut client).await;
+        assert!(frames.is_empty() && rest.is_empty(), "{frames:?} {rest:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_ends_mid_frame_leaves_no_room_for_a_close() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (mut gw_up, mut upstream) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limits(),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        let whole = encode(OP_BINARY, &[3u8; 100], None);
+        upstream.write_all(&whole[..40]).await.expect("half");
+        drop(upstream);
+        let (frames, rest) = client_frames(&mut client).await;
+        assert!(frames.is_empty());
+        assert_eq!(rest, whole[..40], "the partial frame, and nothing after it");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::UpstreamEof);
+        assert!(!out.close_sent);
     }
 }

@@ -1,8 +1,8 @@
 //! Path prefix to upstream: the Go gateway's `routes.yaml`, read unchanged, plus `UPSTREAM_WS_URL` as the fallback.
 //!
 //! The file is a YAML list (or a mapping with a `routes:` list) of entries with `prefix`, `upstream`,
-//! `copySubProtocol` and `preserveQuery`. The first entry whose prefix starts the request path wins; the fallback
-//! matches every path.
+//! `copySubProtocol` and `preserveQuery`. `upstream` is one URL (the Go format) or a list of them. The first entry
+//! whose prefix starts the request path wins; the fallback matches every path.
 
 use std::path::Path;
 
@@ -10,13 +10,16 @@ use serde::Deserialize;
 
 use crate::net::WsUrl;
 
+/// Most upstream URLs one route lists (each may resolve to several endpoints, capped apart).
+pub const MAX_UPSTREAM_URLS: usize = 64;
+
 /// One route: where requests under `prefix` go and what of the request travels with them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Path prefix (`/` for the fallback).
     pub prefix: String,
-    /// The upstream URL.
-    pub upstream: WsUrl,
+    /// The upstream URLs, at least one: every address each resolves to is an endpoint.
+    pub upstreams: Vec<WsUrl>,
     /// Forward the client's `Sec-WebSocket-Protocol` offer (token entries are always removed).
     pub copy_subprotocol: bool,
     /// Forward the client's query string (the token parameter is always removed).
@@ -26,19 +29,24 @@ pub struct Route {
 }
 
 impl Route {
-    /// The path and query to request from the upstream for a client request target.
+    /// The path and query to request from `upstream` (one of this route's URLs) for a client request target.
     ///
     /// An upstream URL with a path is the full target; one without (`ws://host:port` or `/`) receives the client's
     /// path. The upstream URL's own query comes first, then the client's when `preserveQuery` holds.
     #[must_use]
-    pub fn upstream_target(&self, client_path: &str, client_query: Option<&str>) -> String {
-        let mut target = if self.upstream.has_path {
-            self.upstream.path().to_owned()
+    pub fn upstream_target(
+        &self,
+        upstream: &WsUrl,
+        client_path: &str,
+        client_query: Option<&str>,
+    ) -> String {
+        let mut target = if upstream.has_path {
+            upstream.path().to_owned()
         } else {
             client_path.to_owned()
         };
         let mut parts: Vec<&str> = Vec::new();
-        if let Some(q) = self.upstream.query().filter(|q| !q.is_empty()) {
+        if let Some(q) = upstream.query().filter(|q| !q.is_empty()) {
             parts.push(q);
         }
         if self.preserve_query {
@@ -97,13 +105,21 @@ pub enum RouteError {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RouteEntry {
     prefix: String,
-    upstream: String,
+    upstream: OneOrMany,
     #[serde(default)]
     copy_sub_protocol: Option<bool>,
     #[serde(default)]
     preserve_query: Option<bool>,
     #[serde(default)]
     mqtt_connect_auth: Option<bool>,
+}
+
+/// `upstream:` as one URL (the Go format) or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -114,13 +130,13 @@ enum RouteFile {
 }
 
 impl RouteTable {
-    /// Routes in order, then the fallback (prefix `/`) when there is one.
+    /// Routes in order, then the fallback (prefix `/`) when `fallback` lists any URL.
     #[must_use]
-    pub fn new(mut routes: Vec<Route>, fallback: Option<WsUrl>) -> RouteTable {
-        if let Some(upstream) = fallback {
+    pub fn new(mut routes: Vec<Route>, fallback: Vec<WsUrl>) -> RouteTable {
+        if !fallback.is_empty() {
             routes.push(Route {
                 prefix: "/".to_owned(),
-                upstream,
+                upstreams: fallback,
                 copy_subprotocol: true,
                 preserve_query: true,
                 mqtt_connect_auth: None,
@@ -133,7 +149,7 @@ impl RouteTable {
     ///
     /// # Errors
     /// Unreadable file, bad YAML, an unknown key, a prefix not starting with `/`, or a bad upstream URL.
-    pub fn from_file(path: &Path, fallback: Option<WsUrl>) -> Result<RouteTable, RouteError> {
+    pub fn from_file(path: &Path, fallback: Vec<WsUrl>) -> Result<RouteTable, RouteError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| RouteError::Read {
             path: name.clone(),
@@ -149,7 +165,7 @@ impl RouteTable {
     pub fn from_yaml(
         text: &str,
         name: &str,
-        fallback: Option<WsUrl>,
+        fallback: Vec<WsUrl>,
     ) -> Result<RouteTable, RouteError> {
         let entries = if text.trim().is_empty() {
             Vec::new()
@@ -180,11 +196,23 @@ impl RouteTable {
             if !e.prefix.starts_with('/') {
                 return Err(bad("prefix must start with `/`".into()));
             }
-            let upstream =
-                WsUrl::parse_ws(&e.upstream).map_err(|m| bad(format!("upstream: {m}")))?;
+            let urls = match &e.upstream {
+                OneOrMany::One(u) => std::slice::from_ref(u),
+                OneOrMany::Many(list) => list.as_slice(),
+            };
+            if urls.is_empty() || urls.len() > MAX_UPSTREAM_URLS {
+                return Err(bad(format!(
+                    "upstream: between 1 and {MAX_UPSTREAM_URLS} URLs, got {}",
+                    urls.len()
+                )));
+            }
+            let upstreams = urls
+                .iter()
+                .map(|u| WsUrl::parse_ws(u).map_err(|m| bad(format!("upstream: {m}"))))
+                .collect::<Result<Vec<_>, _>>()?;
             routes.push(Route {
                 prefix: e.prefix.clone(),
-                upstream,
+                upstreams,
                 copy_subprotocol: e.copy_sub_protocol.unwrap_or(true),
                 preserve_query: e.preserve_query.unwrap_or(true),
                 mqtt_connect_auth: e.mqtt_connect_auth,
@@ -197,11 +225,23 @@ impl RouteTable {
     /// not `/feedback-admin`. A prefix ending in `/` matches everything under it.
     #[must_use]
     pub fn find(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
+        self.position(path).map(|i| &self.routes[i])
+    }
+
+    /// The position of [`RouteTable::find`]'s route in [`RouteTable::routes`].
+    #[must_use]
+    pub fn position(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| {
             path.strip_prefix(r.prefix.as_str()).is_some_and(|rest| {
                 rest.is_empty() || r.prefix.ends_with('/') || rest.starts_with('/')
             })
         })
+    }
+
+    /// Every route in order, the fallback last.
+    #[must_use]
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 
     /// Whether no route is configured at all.
@@ -219,7 +259,7 @@ impl RouteTable {
     /// Adds a fallback route when none is configured (used by `--dev` for its echo upstream).
     pub fn set_fallback_if_empty(&mut self, upstream: WsUrl) {
         if !self.routes.iter().any(|r| r.prefix == "/") {
-            *self = RouteTable::new(std::mem::take(&mut self.routes), Some(upstream));
+            *self = RouteTable::new(std::mem::take(&mut self.routes), vec![upstream]);
         }
     }
 }
@@ -239,23 +279,27 @@ mod tests {
 
     #[test]
     fn first_matching_prefix_wins_and_fallback_catches_the_rest() {
-        let fallback = WsUrl::parse_ws("ws://fallback:1/").ok();
+        let fallback = vec![WsUrl::parse_ws("ws://fallback:1/").expect("url")];
         let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", fallback).expect("parses");
-        assert_eq!(t.find("/mqtt/x").expect("route").upstream.host, "rabbit");
         assert_eq!(
-            t.find("/raw").expect("route").upstream.host,
+            t.find("/mqtt/x").expect("route").upstreams[0].host,
+            "rabbit"
+        );
+        assert_eq!(
+            t.find("/raw").expect("route").upstreams[0].host,
             "backend.internal"
         );
         assert_eq!(
-            t.find("/other").expect("fallback").upstream.host,
+            t.find("/other").expect("fallback").upstreams[0].host,
             "fallback"
         );
-        let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", None).expect("parses");
+        assert_eq!(t.position("/other"), Some(2));
+        let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", vec![]).expect("parses");
         assert!(t.find("/other").is_none());
         // Prefixes match whole segments only.
         assert!(t.find("/rawfeed").is_none());
         assert!(t.find("/raw/").is_some() && t.find("/raw/x").is_some());
-        let t = RouteTable::from_yaml("- prefix: /feed/\n  upstream: ws://a/\n", "r", None)
+        let t = RouteTable::from_yaml("- prefix: /feed/\n  upstream: ws://a/\n", "r", vec![])
             .expect("parses");
         assert!(t.find("/feed/x").is_some() && t.find("/feedback-admin").is_none());
     }
@@ -264,14 +308,42 @@ mod tests {
     fn wrapped_form_and_targets() {
         let wrapped = "routes:\n  - prefix: /mqtt\n    upstream: ws://rabbit:15675/ws\n    preserveQuery: false\n  \
 - prefix: /raw\n    upstream: wss://backend.internal\n";
-        let t = RouteTable::from_yaml(wrapped, "r", None).expect("wrapped");
+        let t = RouteTable::from_yaml(wrapped, "r", vec![]).expect("wrapped");
         let mqtt = t.find("/mqtt").expect("route");
-        assert_eq!(mqtt.upstream_target("/mqtt", Some("a=1")), "/ws");
+        assert_eq!(
+            mqtt.upstream_target(&mqtt.upstreams[0], "/mqtt", Some("a=1")),
+            "/ws"
+        );
         let raw = t.find("/raw/feed").expect("route");
         assert_eq!(
-            raw.upstream_target("/raw/feed", Some("a=1")),
+            raw.upstream_target(&raw.upstreams[0], "/raw/feed", Some("a=1")),
             "/raw/feed?a=1"
         );
+    }
+
+    #[test]
+    fn upstream_may_be_a_list() {
+        let yaml = "- prefix: /mqtt\n  upstream:\n    - ws://broker-0:9001/mqtt\n    - ws://broker-1:9001\n";
+        let t = RouteTable::from_yaml(yaml, "r", vec![]).expect("list");
+        let r = t.find("/mqtt/x").expect("route");
+        let hosts: Vec<&str> = r.upstreams.iter().map(|u| u.host.as_str()).collect();
+        assert_eq!(hosts, ["broker-0", "broker-1"]);
+        // Each URL keeps its own path rule.
+        assert_eq!(r.upstream_target(&r.upstreams[0], "/mqtt/x", None), "/mqtt");
+        assert_eq!(
+            r.upstream_target(&r.upstreams[1], "/mqtt/x", None),
+            "/mqtt/x"
+        );
+        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: []\n", "r.yaml", vec![])
+            .expect_err("empty list");
+        assert!(err.to_string().contains("upstream"), "{err}");
+        let err = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: [ws://a/, http://b/]\n",
+            "r.yaml",
+            vec![],
+        )
+        .expect_err("one bad URL");
+        assert!(err.to_string().contains("upstream"), "{err}");
     }
 
     #[test]
@@ -279,14 +351,14 @@ mod tests {
         let err = RouteTable::from_yaml(
             "- prefix: /a\n  upstream: ws://a/\n  bogus: 1\n",
             "r.yaml",
-            None,
+            vec![],
         )
         .expect_err("unknown key");
         assert!(err.to_string().contains("bogus"), "{err}");
-        let err = RouteTable::from_yaml("- prefix: a\n  upstream: ws://a/\n", "r.yaml", None)
+        let err = RouteTable::from_yaml("- prefix: a\n  upstream: ws://a/\n", "r.yaml", vec![])
             .expect_err("prefix");
         assert!(err.to_string().contains("prefix"), "{err}");
-        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: http://a/\n", "r.yaml", None)
+        let err = RouteTable::from_yaml("- prefix: /a\n  upstream: http://a/\n", "r.yaml", vec![])
             .expect_err("url");
         assert!(err.to_string().contains("upstream"), "{err}");
     }

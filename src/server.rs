@@ -22,6 +22,7 @@ use crate::registry::Registry;
 use crate::revocation::{close_matching, Revocation, Revocations};
 use crate::shutdown::{ConnectionGuard, Guards, Phase, Signal};
 use crate::store::Store;
+use crate::upstream::Pool;
 
 /// Everything a connection needs, shared by all of them.
 pub(crate) struct Gateway {
@@ -29,8 +30,6 @@ pub(crate) struct Gateway {
     pub config: Config,
     /// TLS for the listener, or `None` for plain HTTP.
     pub tls: Option<TlsAcceptor>,
-    /// Client TLS for `wss://` upstreams.
-    pub upstream_tls: Arc<rustls::ClientConfig>,
     /// Token verification.
     pub verifier: Arc<Verifier>,
     /// Metrics.
@@ -51,6 +50,8 @@ pub(crate) struct Gateway {
     pub store: Arc<Store>,
     /// Back-channel logout token ids already used.
     pub logout_jtis: SeenLogoutTokens,
+    /// One endpoint pool per route, in the order of `config.routes`.
+    pub pools: Vec<Arc<Pool>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -96,10 +97,26 @@ impl Gateway {
         Ok(())
     }
 
-    /// Readiness: keys loaded and not draining.
+    /// Readiness: keys loaded, not draining, and (with `READINESS_REQUIRES_UPSTREAM`) a healthy endpoint for every
+    /// route.
     #[must_use]
     pub(crate) fn is_ready(&self) -> bool {
-        self.signal.phase() == Phase::Running && self.verifier.keys().is_ready()
+        self.signal.phase() == Phase::Running
+            && self.verifier.keys().is_ready()
+            && self.unhealthy_route().is_none()
+    }
+
+    /// With `READINESS_REQUIRES_UPSTREAM`, the first route with no healthy endpoint.
+    #[must_use]
+    pub(crate) fn unhealthy_route(&self) -> Option<&str> {
+        if !self.config.upstream.readiness_requires_upstream {
+            return None;
+        }
+        let now = Instant::now();
+        self.pools
+            .iter()
+            .find(|p| !p.has_healthy(now))
+            .map(|p| p.route().prefix.as_str())
     }
 }
 

@@ -34,6 +34,7 @@ pub(crate) fn relay<'a>(
         source,
         slot,
         lease,
+        subject_lease,
     } = est;
     let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
     let remaining = (identity.expires_at + leeway - unix_now()).max(0);
@@ -48,8 +49,8 @@ pub(crate) fn relay<'a>(
         peer,
         started: SystemTime::now(),
     });
-    if let Some(lease) = &lease {
-        lease.attach(&registration.control);
+    if let Some(subject_lease) = &subject_lease {
+        subject_lease.attach(&registration.control);
     }
     let expires_at = Instant::now() + Duration::from_secs(u64::try_from(remaining).unwrap_or(0));
     let limits = Limits {
@@ -104,8 +105,9 @@ pub(crate) fn relay<'a>(
         );
         drop(session);
         drop(registration);
-        drop(lease);
+        drop(subject_lease);
         drop(slot);
+        drop(lease);
         drop(guard);
     }
 }

@@ -115,6 +115,51 @@ fn each_bad_setting_is_named() {
             "REDIS_URL",
         ),
         (vec![], vec![("LOG_FORMAT", "yaml")], "--log-format"),
+        (
+            vec![],
+            vec![("UPSTREAM_WS_URL", "ws://a/,ftp://b/")],
+            "UPSTREAM_WS_URL",
+        ),
+        (
+            vec![],
+            vec![("UPSTREAM_BALANCE", "round-robin")],
+            "UPSTREAM_BALANCE (--upstream-balance)",
+        ),
+        (
+            vec![],
+            vec![("UPSTREAM_DNS_REFRESH_SECONDS", "0")],
+            "UPSTREAM_DNS_REFRESH_SECONDS (--upstream-dns-refresh-seconds)",
+        ),
+        (
+            vec![],
+            vec![("CB_FAILURE_THRESHOLD", "0")],
+            "CB_FAILURE_THRESHOLD (--cb-failure-threshold)",
+        ),
+        (
+            vec![],
+            vec![("CB_OPEN_TIMEOUT_SECONDS", "86400")],
+            "CB_OPEN_TIMEOUT_SECONDS (--cb-open-timeout-seconds)",
+        ),
+        (
+            vec![],
+            vec![("CB_HEALTHCHECK_INTERVAL_SECONDS", "-1")],
+            "CB_HEALTHCHECK_INTERVAL_SECONDS (--cb-healthcheck-interval-seconds)",
+        ),
+        (
+            vec![],
+            vec![("WS_DIAL_RETRY_MAX", "11")],
+            "WS_DIAL_RETRY_MAX (--ws-dial-retry-max)",
+        ),
+        (
+            vec![],
+            vec![("WS_DIAL_RETRY_INTERVAL_SECONDS", "nan")],
+            "WS_DIAL_RETRY_INTERVAL_SECONDS (--ws-dial-retry-interval-seconds)",
+        ),
+        (
+            vec![],
+            vec![("READINESS_REQUIRES_UPSTREAM", "maybe")],
+            "READINESS_REQUIRES_UPSTREAM (--readiness-requires-upstream)",
+        ),
     ];
     for (args, extra, needle) in cases {
         let mut env: Vec<(&str, &str)> = BASE.to_vec();

@@ -448,9 +448,11 @@ async fn plain_mode_serves_behind_an_ingress() {
 }
 
 #[tokio::test]
-async fn half_close_from_the_upstream_reaches_the_client() {
+async fn an_upstream_half_close_without_a_close_frame_reaches_the_client_as_close_1014() {
     let env = Env::new().await;
-    // An upstream that answers the handshake, sends one frame, then closes its write side.
+    // An upstream that answers the handshake, sends one frame, then closes its write side without a Close frame:
+    // the client reads the frame, then Close 1014 "bad gateway" (not a bare end of stream), answers it, and the
+    // gateway ends the connection cleanly.
     let up = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -488,13 +490,37 @@ async fn half_close_from_the_upstream_reaches_the_client() {
     within(s.write_all(upgrade("/", &format!("Authorization: Bearer {token}\r\n")).as_bytes()))
         .await
         .expect("write");
-    let mut out = Vec::new();
-    within(s.read_to_end(&mut out)).await.expect("read to EOF");
-    let text = String::from_utf8_lossy(&out);
-    assert!(
-        text.starts_with("HTTP/1.1 101") && text.ends_with("bye"),
-        "{text}"
-    );
+    let mut got = Vec::new();
+    let end = within(async {
+        loop {
+            let mut b = [0u8; 1024];
+            let n = s.read(&mut b).await.expect("read");
+            assert!(n > 0, "closed before the response head");
+            got.extend_from_slice(&b[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                return i + 4;
+            }
+        }
+    })
+    .await;
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    let rest = got.split_off(end);
+    let (frames, code) = frames_until_close(&mut s, rest).await;
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].payload, b"bye");
+    assert_eq!(code, 1014);
+    within(s.write_all(&ws_gateway::frame::close_frame(
+        1014,
+        "",
+        Some([1, 2, 3, 4]),
+    )))
+    .await
+    .expect("answer");
+    let mut tail = Vec::new();
+    within(s.read_to_end(&mut tail))
+        .await
+        .expect("a clean end after the Close");
+    assert!(tail.is_empty());
 }
 
 #[tokio::test]

@@ -130,6 +130,12 @@ fn answer(gw: &Gateway, extras: &Extras, method: &Method, path: &str) -> Respons
                     TEXT,
                     "not ready: signing keys not loaded\n".into(),
                 )
+            } else if let Some(route) = gw.unhealthy_route() {
+                response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    format!("not ready: no healthy upstream endpoint for route {route}\n"),
+                )
             } else {
                 response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -141,6 +147,10 @@ fn answer(gw: &Gateway, extras: &Extras, method: &Method, path: &str) -> Respons
         "/metrics" => {
             if let Some(age) = gw.verifier.keys().age_seconds() {
                 gw.metrics.jwks_key_age.set(age);
+            }
+            let now = tokio::time::Instant::now();
+            for pool in &gw.pools {
+                pool.publish_health(now);
             }
             response(
                 StatusCode::OK,

@@ -1,8 +1,19 @@
 //! Dialing the upstream and forwarding the handshake: the client's upgrade request is rewritten for the upstream
 //! (Host, hop-by-hop headers, X-Forwarded-*, identity headers, token carriers removed), and the upstream's answer
 //! must be a valid 101 for the same key before anything is relayed.
+//!
+//! A route's upstream is a pool of endpoints (`pool`): every address its URLs resolve to (`resolve`), one picked
+//! per session (`balance`), each behind its own circuit breaker (`breaker`), with retries on another endpoint
+//! before the client is answered.
 
-use std::net::IpAddr;
+mod balance;
+mod breaker;
+mod pool;
+mod resolve;
+
+pub(crate) use pool::{Lease, Pool};
+
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::source::{is_bearer, strip_cookie, strip_query, strip_subprotocols};
 use crate::auth::Identity;
-use crate::net::{dial, DialError, Io};
+use crate::net::{dial, DialError, Io, WsUrl};
 use crate::proxy_protocol::Cidr;
 use crate::route::Route;
 use crate::upgrade::{accept_key, RequestHead};
@@ -74,14 +85,19 @@ pub struct UpstreamRequest {
     pub offered: Vec<String>,
 }
 
-/// Builds the upstream request from the client's head.
+/// Builds the request for `upstream` (one of `route`'s URLs) from the client's head.
 #[must_use]
-pub fn build_request(head: &RequestHead, route: &Route, fwd: &Forwarding<'_>) -> UpstreamRequest {
+pub fn build_request(
+    head: &RequestHead,
+    route: &Route,
+    upstream: &WsUrl,
+    fwd: &Forwarding<'_>,
+) -> UpstreamRequest {
     let query = head.query().and_then(|q| strip_query(q, fwd.query_param));
-    let target = route.upstream_target(head.path(), query.as_deref());
+    let target = route.upstream_target(upstream, head.path(), query.as_deref());
     let mut out = format!(
         "GET {target} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
-        route.upstream.authority
+        upstream.authority
     );
 
     let listed_in_connection: Vec<String> = head
@@ -200,9 +216,18 @@ fn header_key(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")
 }
 
-/// Why the upstream could not be used; every variant answers the client 502.
+/// Why the upstream could not be used: 503 when every breaker of the route is open, 502 otherwise.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    /// The route's host names resolve to no address.
+    #[error("no endpoint: the upstream names resolve to nothing")]
+    NoEndpoints,
+    /// Every endpoint's circuit breaker is open: nothing was dialed.
+    #[error("every endpoint's circuit breaker is open")]
+    CircuitOpen {
+        /// When the first breaker lets a dial through again.
+        retry_after: Duration,
+    },
     /// Connect or TLS failed.
     #[error("dial: {0}")]
     Dial(#[from] DialError),
@@ -225,11 +250,30 @@ impl UpstreamError {
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
+            UpstreamError::NoEndpoints => "resolve",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
             UpstreamError::Dial(d) => d.kind(),
             UpstreamError::Io(_) => "io",
             UpstreamError::Status(_) => "status",
             UpstreamError::Handshake(_) => "handshake",
             UpstreamError::Timeout => "timeout",
+        }
+    }
+}
+
+impl UpstreamError {
+    /// Whether this says the endpoint is down (counted by its breaker, retried elsewhere), rather than that it
+    /// answered: a 4xx refusal of the upgrade (a wrong path, say) is the request's fault, and retrying it or
+    /// opening breakers over it would let one bad request turn away everyone.
+    #[must_use]
+    pub fn is_endpoint_failure(&self) -> bool {
+        match self {
+            UpstreamError::Dial(_)
+            | UpstreamError::Io(_)
+            | UpstreamError::Handshake(_)
+            | UpstreamError::Timeout => true,
+            UpstreamError::Status(status) => *status >= 500,
+            UpstreamError::NoEndpoints | UpstreamError::CircuitOpen { .. } => false,
         }
     }
 }
@@ -247,18 +291,19 @@ pub struct Connected {
     pub protocol: Option<String>,
 }
 
-/// Dials `route`'s upstream, sends `req` and checks the 101, all within `limit`.
+/// Dials `addr`, one of `url`'s endpoints, sends `req` and checks the 101, all within `limit`.
 ///
 /// # Errors
 /// See [`UpstreamError`].
 pub async fn connect(
-    route: &Route,
+    url: &WsUrl,
+    addr: SocketAddr,
     req: &UpstreamRequest,
     tls: &Arc<rustls::ClientConfig>,
     limit: Duration,
 ) -> Result<Connected, UpstreamError> {
     let attempt = async {
-        let (mut io, _) = dial(&route.upstream, tls, limit).await?;
+        let mut io = dial(url, addr, tls, limit).await?;
         let Handshake {
             response,
             rest,
@@ -424,9 +469,10 @@ Cookie: session=SECRET; theme=dark; Session=SECRET\r\nAuthorization: Bearer\tSEC
 X-Auth-Subject: mallory\r\nX_Auth_Subject: mallory\r\nx_auth_email: mallory@x\r\nX-Forwarded-For: 10.0.0.1\r\n\
 X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
         let head = parse_head(raw.as_bytes()).expect("ok").expect("complete").0;
+        let upstream = Url::parse_ws("ws://broker:9001").expect("url");
         let route = Route {
             prefix: "/mqtt".into(),
-            upstream: Url::parse_ws("ws://broker:9001").expect("url"),
+            upstreams: vec![upstream.clone()],
             copy_subprotocol: true,
             preserve_query: true,
             mqtt_connect_auth: None,
@@ -450,7 +496,7 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             no_extensions: false,
             trusted_proxies: &[],
         };
-        let req = build_request(&head, &route, &fwd);
+        let req = build_request(&head, &route, &upstream, &fwd);
         let text = String::from_utf8(req.bytes).expect("utf8");
         assert!(!text.contains("SECRET"), "{text}");
         assert!(
@@ -482,7 +528,8 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
 
         // In plain mode an untrusted client's X-Forwarded-Proto is not believed either.
         let plain = Forwarding { tls: false, ..fwd };
-        let text = String::from_utf8(build_request(&head, &route, &plain).bytes).expect("utf8");
+        let text =
+            String::from_utf8(build_request(&head, &route, &upstream, &plain).bytes).expect("utf8");
         assert!(text.contains("X-Forwarded-Proto: http\r\n"), "{text}");
 
         // From a trusted proxy both are believed, and X-Real-IP is the rightmost untrusted address.
@@ -500,7 +547,8 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             trusted_proxies: &proxies,
             ..fwd
         };
-        let text = String::from_utf8(build_request(&head, &route, &behind).bytes).expect("utf8");
+        let text = String::from_utf8(build_request(&head, &route, &upstream, &behind).bytes)
+            .expect("utf8");
         assert!(
             text.contains("X-Forwarded-For: 1.2.3.4, 10.0.0.1, 10.9.0.5, 192.0.2.7\r\n"),
             "{text}"
@@ -513,7 +561,8 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
         // Traefik sends `X-Forwarded-Proto: wss` for an upgrade it took over TLS: that is https too.
         let raw = raw.replace("X-Forwarded-Proto: https\r\n", "X-Forwarded-Proto: wss\r\n");
         let head = parse_head(raw.as_bytes()).expect("ok").expect("complete").0;
-        let text = String::from_utf8(build_request(&head, &route, &behind).bytes).expect("utf8");
+        let text = String::from_utf8(build_request(&head, &route, &upstream, &behind).bytes)
+            .expect("utf8");
         assert!(text.contains("X-Forwarded-Proto: https\r\n"), "{text}");
     }
 
