@@ -184,7 +184,7 @@ pub(crate) fn pki(a: &PkiArgs) -> Result<Value, String> {
         "dir": a.out.display().to_string(),
         "san": a.san,
         "self_signed": a.self_signed,
-        "jwt": format!("{:?}", a.jwt).to_lowercase(),
+        "jwt": a.jwt.to_possible_value().map(|v| v.get_name().to_owned()),
         "kid": a.kid,
         "files": files,
     }))
