@@ -87,7 +87,6 @@ wait_tcp() {
 need=()
 command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
-command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 command -v curl >/dev/null || need+=(curl)
 command -v ss >/dev/null || need+=(iproute2)
@@ -113,35 +112,12 @@ mkdir -p "$CONF/jwks" "$LOGS" "$CONF/nginx-temp"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Keys, certificates, the token and the JWKS
-log "making a CA, a server certificate (ECDSA P-256), an RSA-2048 signing key, a token and its JWKS"
-(
-  cd "$CONF"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 \
-    -subj /CN=ws-gateway-bench-ca -addext basicConstraints=critical,CA:TRUE \
-    -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr \
-    -subj /CN=127.0.0.1 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' >server.ext
-  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out server.pem \
-    -extfile server.ext 2>/dev/null
-  cat server.pem server.key >haproxy.pem
-  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out jwt.key 2>/dev/null
-  openssl rsa -in jwt.key -pubout -out jwt.pub.pem 2>/dev/null
-  openssl rsa -in jwt.key -noout -modulus | sed 's/^Modulus=//' >jwt.modulus
-)
-b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
-now=$(date +%s)
-header=$(printf '{"alg":"RS256","typ":"JWT","kid":"bench"}' | b64url)
-claims=$(printf '{"sub":"bench-user","iat":%d,"exp":%d}' "$now" $((now + 86400)) | b64url)
-sig=$(printf '%s.%s' "$header" "$claims" | openssl dgst -sha256 -sign "$CONF/jwt.key" | b64url)
-TOKEN="$header.$claims.$sig"
-python3 - "$CONF/jwt.modulus" "$CONF/jwks/jwks.json" <<'EOF'
-import base64, json, sys
-n = bytes.fromhex(open(sys.argv[1]).read().strip())
-b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-key = {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": "bench", "n": b64(n), "e": b64((65537).to_bytes(3, "big"))}
-json.dump({"keys": [key]}, open(sys.argv[2], "w"))
-EOF
+# The RSA-2048 signing key is the checked-in test key (tests/keys/); HAProxy reads its public key, jwt.pub.pem.
+log "making a CA, a server certificate (ECDSA P-256), an RSA-2048 signing key, a token and its JWKS (ws-loadgen pki)"
+"$LG" pki --out "$CONF" --san 127.0.0.1,localhost --jwt rs256 --kid bench --token-sub bench-user --token-ttl 86400 \
+  >/dev/null || die "ws-loadgen pki failed"
+cat "$CONF/server.pem" "$CONF/server.key" >"$CONF/haproxy.pem"
+TOKEN=$(cat "$CONF/token")
 
 # ---------------------------------------------------------------------------------------------------------------
 # The shared upstream and the JWKS server

@@ -71,7 +71,7 @@ wait_tcp() {
   return 1
 }
 
-for tool in openssl python3 curl; do command -v "$tool" >/dev/null || die "$tool is needed"; done
+for tool in python3 curl; do command -v "$tool" >/dev/null || die "$tool is needed"; done
 # The gateway holds two sockets per session; the load generator holds the client's and the upstream's.
 ulimit -n 20000 2>/dev/null || true
 (( $(ulimit -n) >= 2 * (HELD + 64) + 200 )) || die "ulimit -n is $(ulimit -n): too low for $HELD held sessions"
@@ -85,23 +85,10 @@ LG=$TARGET_DIR/release/ws-loadgen
 [[ -x $GW && -x $LG ]] || die "no release binaries in $TARGET_DIR/release (run with BUILD=1)"
 
 rm -rf "$OUT"
-mkdir -p "$OUT/jwks"
-log "making a CA, a server certificate (ECDSA P-256) and an ES256 signing key with its JWKS"
-(
-  cd "$OUT"
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 \
-    -subj /CN=ws-gateway-churn-ca -addext basicConstraints=critical,CA:TRUE \
-    -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr \
-    -subj /CN=127.0.0.1 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' >server.ext
-  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out server.pem \
-    -extfile server.ext 2>/dev/null
-)
-# The admin secret, for POST /admin/revoke.
-(umask 077 && openssl rand -hex 24 >"$OUT/admin-token")
-"$LG" jwt-key --kid churn --pkcs8-out "$OUT/jwt.p8" --jwks-out "$OUT/jwks/jwks.json" >/dev/null \
-  || die "ws-loadgen jwt-key failed"
+mkdir -p "$OUT"
+log "making a CA, a server certificate (ECDSA P-256), an ES256 signing key with its JWKS and the admin secret"
+# jwks/ holds the JWKS alone (it is served); admin-token is the secret for POST /admin/revoke.
+"$LG" pki --out "$OUT" --san 127.0.0.1,localhost --jwt es256 --kid churn >/dev/null || die "ws-loadgen pki failed"
 
 python3 -m http.server "$JWKS_PORT" --bind 127.0.0.1 --directory "$OUT/jwks" >"$OUT/jwks.log" 2>&1 &
 PIDS+=($!)
@@ -133,7 +120,7 @@ log "churn: $ROUNDS x $TOTAL sessions, $HELD held, mix $MIX (gateway pid $GW_PID
 rc=0
 "$LG" churn --url "wss://127.0.0.1:$GW_PORT/" --ca "$OUT/ca.pem" --pid "$GW_PID" --admin "$GW_ADMIN" \
   --admin-token-file "$OUT/admin-token" \
-  --signing-key "$OUT/jwt.p8" --kid churn --issuer "$ISSUER" --audience "$AUDIENCE" \
+  --signing-key "$OUT/jwt.key" --kid churn --issuer "$ISSUER" --audience "$AUDIENCE" \
   --upstream-listen "$ECHO_ADDR" --total "$TOTAL" --held "$HELD" --hold-min "$HOLD_MIN" --hold-max "$HOLD_MAX" \
   --expiry-seconds "$EXPIRY" --idle-timeout "$IDLE" --mix "$MIX" --warmup "$WARMUP" \
   --duration-max "$DURATION_MAX" --settle-max "$SETTLE_MAX" --rss-tolerance-pct "$RSS_TOLERANCE" \

@@ -35,24 +35,10 @@ LG=$TARGET_DIR/release/ws-loadgen
 FAN=$TARGET_DIR/release/examples/revocation_fanout
 
 cd "$WORK"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out cert.pem -days 1 \
-  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
-  -addext keyUsage=critical,digitalSignature -addext extendedKeyUsage=serverAuth 2>/dev/null
-openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out jwt.key 2>/dev/null
-openssl rsa -in jwt.key -noout -modulus | sed 's/^Modulus=//' >jwt.modulus
-b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
-now=$(date +%s)
-header=$(printf '{"alg":"RS256","typ":"JWT","kid":"fanout"}' | b64url)
-claims=$(printf '{"sub":"fanout-user","iat":%d,"exp":%d}' $((now - 5)) $((now + 3600)) | b64url)
-TOKEN="$header.$claims.$(printf '%s.%s' "$header" "$claims" | openssl dgst -sha256 -sign jwt.key | b64url)"
-mkdir -p jwks
-python3 - jwt.modulus jwks/jwks.json <<'PY'
-import base64, json, sys
-n = bytes.fromhex(open(sys.argv[1]).read().strip())
-b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-json.dump({"keys": [{"kty": "RSA", "use": "sig", "alg": "RS256", "kid": "fanout", "n": b64(n), "e": b64((65537).to_bytes(3, "big"))}]}, open(sys.argv[2], "w"))
-PY
-openssl rand -hex 24 >admin-token
+# A CA and a server certificate for localhost and 127.0.0.1, the RSA-2048 test signing key with its JWKS
+# (jwks/jwks.json), an RS256 token for fanout-user and the admin secret.
+"$LG" pki --out "$WORK" --jwt rs256 --kid fanout --token-sub fanout-user --token-ttl 3600 >/dev/null
+TOKEN=$(cat token)
 
 JWKS_PORT=$(free_port); ECHO_PORT=$(free_port)
 python3 -m http.server "$JWKS_PORT" --bind 127.0.0.1 --directory jwks >/dev/null 2>&1 & PIDS+=($!)
@@ -79,7 +65,7 @@ urls=(); admin=
 for r in a b; do
   P=$(free_port); A=$(free_port)
   ulimit -n 20000 2>/dev/null || true
-  "$GW" --listen "127.0.0.1:$P" --admin-listen "127.0.0.1:$A" --tls-cert cert.pem --tls-key key.pem \
+  "$GW" --listen "127.0.0.1:$P" --admin-listen "127.0.0.1:$A" --tls-cert server.pem --tls-key server.key \
     --jwks-url "http://127.0.0.1:$JWKS_PORT/jwks.json" --upstream-ws-url "ws://127.0.0.1:$ECHO_PORT/" \
     --admin-token-file admin-token --max-connections 20000 --ws-idle-timeout-seconds 600 "${STORE_ARGS[@]}" \
     >"gw-$r.log" 2>&1 & PIDS+=($!)
@@ -89,5 +75,5 @@ for r in a b; do
   [[ -n $admin ]] || admin="http://127.0.0.1:$A"
 done
 log "store=$STORE, $SESSIONS sessions over 2 replicas; revoking through replica a"
-"$FAN" --ca cert.pem --token "$TOKEN" --sub fanout-user --admin "$admin" --admin-token "$(cat admin-token)" \
+"$FAN" --ca ca.pem --token "$TOKEN" --sub fanout-user --admin "$admin" --admin-token "$(cat admin-token)" \
   --sessions "$SESSIONS" "${urls[@]}"

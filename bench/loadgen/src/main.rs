@@ -12,7 +12,9 @@
 //!   time, ending in a mix of clean closes, client and upstream resets, token expiries, admin revocations and idle
 //!   timeouts; the gateway's open file count and RSS before and after. It runs its own echo upstream
 //!   ([`upstream`]), one that resets a connection on request, and reads the gateway through [`probe`];
-//! - `jwt-key` ([`token`]): a P-256 signing key and its JWKS, for the tokens `churn` mints.
+//! - `pki` ([`pki`]): a CA, a server certificate, a JWT signing key with its public key and JWKS, a token and an
+//!   admin secret, written into one directory for the scripts (no `openssl` binary); `churn` mints its tokens
+//!   ([`token`]) with the ES256 key it writes.
 //!
 //! Every subcommand ends with one line `RESULT {json}` on stdout; diagnostics go to stderr. A run that could not
 //! measure what it was asked exits non-zero without a `RESULT` line; a `churn` run that measured but missed its
@@ -44,6 +46,7 @@ use ws_gateway::net::{Io, Url};
 use ws_gateway::upstream::{handshake, Handshake, UpstreamError, UpstreamRequest};
 
 mod churn;
+mod pki;
 mod probe;
 mod token;
 mod upstream;
@@ -141,18 +144,9 @@ enum Mode {
     },
     /// Sessions opened and ended in churn, some held at a time; the gateway's open files and RSS before and after.
     Churn(Box<churn::ChurnArgs>),
-    /// Writes a P-256 signing key (PKCS#8 DER) and the JWKS that publishes it.
-    JwtKey {
-        /// `kid` of the key.
-        #[arg(long, default_value = "churn")]
-        kid: String,
-        /// Where the private key goes (mode 0600).
-        #[arg(long)]
-        pkcs8_out: PathBuf,
-        /// Where the JWKS goes.
-        #[arg(long)]
-        jwks_out: PathBuf,
-    },
+    /// Writes a CA, a server certificate, a JWT signing key with its JWKS, a token and an admin secret into a
+    /// directory: what the benchmark scripts need, without `openssl`.
+    Pki(pki::PkiArgs),
 }
 
 /// Where to connect and how.
@@ -220,11 +214,7 @@ fn main() {
                 open_concurrency,
             } => idle(target, sessions, hold, settle, open_concurrency).await,
             Mode::Churn(args) => churn::churn(*args).await,
-            Mode::JwtKey {
-                kid,
-                pkcs8_out,
-                jwks_out,
-            } => token::write_key(&kid, &pkcs8_out, &jwks_out).map(Some),
+            Mode::Pki(args) => pki::pki(&args).map(Some),
         }
     });
     match outcome {

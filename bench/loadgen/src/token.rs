@@ -1,9 +1,10 @@
-//! ES256 tokens minted by the load generator itself, so `churn` can give every session its own identity and give
-//! some sessions a token that expires while they are open.
+//! Tokens minted by the load generator itself: `churn` gives every session its own identity and gives some sessions
+//! a token that expires while they are open; `pki` ([`crate::pki`]) signs the one token of `scripts/bench.sh` and
+//! `scripts/fanout.sh`.
 //!
-//! `jwt-key` writes a fresh P-256 key (PKCS#8 DER) and the JWKS that publishes it; `churn --signing-key` loads the
-//! key. ES256 rather than the RS256 of `scripts/bench.sh`: ring signs P-256 in tens of microseconds, RSA-2048 in about
-//! a millisecond, and `churn` signs one token per session.
+//! A signing key is a PKCS#8 key, PEM or DER: P-256 (ES256) or RSA (RS256). `pki --jwt es256` writes a fresh P-256
+//! key and `pki --jwt rs256` the checked-in RSA test key, each with the JWKS that publishes it. `churn` uses ES256:
+//! ring signs P-256 in tens of microseconds, RSA-2048 in about a millisecond, and `churn` signs one token per session.
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,12 +12,95 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use ring::rsa::PublicKeyComponents;
+use ring::signature::{
+    EcdsaKeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, RSA_PKCS1_SHA256,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivateKeyDer;
 use serde_json::{json, Value};
+
+/// A JWS signing key.
+pub(crate) enum Key {
+    /// P-256, ES256.
+    Es256(EcdsaKeyPair),
+    /// RSA, RS256 (PKCS#1 v1.5 with SHA-256).
+    Rs256(RsaKeyPair),
+}
+
+impl Key {
+    /// A PKCS#8 key: P-256 first, then RSA.
+    pub(crate) fn from_pkcs8(der: &[u8]) -> Result<Key, String> {
+        let rng = SystemRandom::new();
+        if let Ok(pair) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng) {
+            return Ok(Key::Es256(pair));
+        }
+        RsaKeyPair::from_pkcs8(der)
+            .map(Key::Rs256)
+            .map_err(|e| format!("neither a P-256 nor an RSA PKCS#8 key: {e}"))
+    }
+
+    /// A PKCS#8 key from PEM (`-----BEGIN PRIVATE KEY-----`) or DER bytes.
+    pub(crate) fn from_pkcs8_pem_or_der(bytes: &[u8]) -> Result<Key, String> {
+        if !bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            return Key::from_pkcs8(bytes);
+        }
+        match PrivateKeyDer::from_pem_slice(bytes).map_err(|e| format!("PEM: {e}"))? {
+            PrivateKeyDer::Pkcs8(der) => Key::from_pkcs8(der.secret_pkcs8_der()),
+            _ => Err("not a PKCS#8 key (`BEGIN PRIVATE KEY`)".into()),
+        }
+    }
+
+    /// The JOSE `alg`.
+    pub(crate) fn alg(&self) -> &'static str {
+        match self {
+            Key::Es256(_) => "ES256",
+            Key::Rs256(_) => "RS256",
+        }
+    }
+
+    /// The public JWK, with `kid`.
+    pub(crate) fn jwk(&self, kid: &str) -> Value {
+        match self {
+            Key::Es256(pair) => {
+                // An uncompressed point: 0x04, then x and y of 32 bytes each.
+                let point = pair.public_key().as_ref();
+                json!({
+                    "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+                    "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+                })
+            }
+            Key::Rs256(pair) => {
+                let c: PublicKeyComponents<Vec<u8>> = pair.public_key().into();
+                json!({
+                    "kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                    "n": URL_SAFE_NO_PAD.encode(unsigned(&c.n)), "e": URL_SAFE_NO_PAD.encode(unsigned(&c.e)),
+                })
+            }
+        }
+    }
+
+    fn sign(&self, rng: &SystemRandom, msg: &[u8]) -> Result<Vec<u8>, ring::error::Unspecified> {
+        match self {
+            Key::Es256(pair) => pair.sign(rng, msg).map(|s| s.as_ref().to_vec()),
+            Key::Rs256(pair) => {
+                let mut sig = vec![0u8; pair.public().modulus_len()];
+                pair.sign(&RSA_PKCS1_SHA256, rng, msg, &mut sig)?;
+                Ok(sig)
+            }
+        }
+    }
+}
+
+/// A big-endian unsigned integer without leading zero bytes, as JWK `n` and `e` are written (RFC 7518 6.3.1).
+fn unsigned(be: &[u8]) -> &[u8] {
+    let zeros = be.iter().take_while(|b| **b == 0).count();
+    &be[zeros.min(be.len().saturating_sub(1))..]
+}
 
 /// Signs the tokens of one run.
 pub(crate) struct Signer {
-    pair: EcdsaKeyPair,
+    key: Key,
     rng: SystemRandom,
     /// The encoded JOSE header, the same for every token.
     header: String,
@@ -25,30 +109,43 @@ pub(crate) struct Signer {
 }
 
 impl Signer {
-    /// Loads a P-256 key from a PKCS#8 DER file (as written by `jwt-key`).
+    /// A signer with `key`, naming `kid` in every header and adding `iss` and `aud` when given.
+    pub(crate) fn new(
+        key: Key,
+        kid: &str,
+        issuer: Option<String>,
+        audience: Option<String>,
+    ) -> Signer {
+        let header = json!({"alg": key.alg(), "typ": "JWT", "kid": kid}).to_string();
+        Signer {
+            key,
+            rng: SystemRandom::new(),
+            header: URL_SAFE_NO_PAD.encode(header),
+            issuer,
+            audience,
+        }
+    }
+
+    /// Loads a PKCS#8 key (PEM or DER; P-256 or RSA) from a file, as written by `pki`.
     pub(crate) fn load(
         path: &Path,
         kid: &str,
         issuer: Option<String>,
         audience: Option<String>,
     ) -> Result<Signer, String> {
-        let der = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let rng = SystemRandom::new();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
-            .map_err(|e| format!("{}: not a P-256 PKCS#8 key: {e}", path.display()))?;
-        let header = json!({"alg": "ES256", "typ": "JWT", "kid": kid}).to_string();
-        Ok(Signer {
-            pair,
-            rng,
-            header: URL_SAFE_NO_PAD.encode(header),
-            issuer,
-            audience,
-        })
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let key =
+            Key::from_pkcs8_pem_or_der(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Signer::new(key, kid, issuer, audience))
     }
 
     /// A token for `sub` with id `jti`, valid until `exp` (seconds since the epoch).
     pub(crate) fn token(&self, sub: &str, jti: &str, exp: i64) -> Result<String, String> {
-        let mut claims = json!({"sub": sub, "jti": jti, "iat": unix_now(), "exp": exp});
+        self.sign(json!({"sub": sub, "jti": jti, "iat": unix_now(), "exp": exp}))
+    }
+
+    /// Signs `claims`, adding the signer's `iss` and `aud`.
+    pub(crate) fn sign(&self, mut claims: Value) -> Result<String, String> {
         if let Some(iss) = &self.issuer {
             claims["iss"] = Value::from(iss.as_str());
         }
@@ -61,10 +158,10 @@ impl Signer {
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
         let sig = self
-            .pair
+            .key
             .sign(&self.rng, input.as_bytes())
             .map_err(|e| format!("signing a token: {e}"))?;
-        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig)))
     }
 }
 
@@ -75,62 +172,19 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// `jwt-key`: writes a fresh P-256 key to `pkcs8_out` (mode 0600) and its JWKS to `jwks_out`.
-pub(crate) fn write_key(kid: &str, pkcs8_out: &Path, jwks_out: &Path) -> Result<Value, String> {
-    let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-        .map_err(|e| format!("generating a key: {e}"))?;
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-        .map_err(|e| format!("loading the generated key: {e}"))?;
-    // An uncompressed point: 0x04, then x and y of 32 bytes each.
-    let point = pair.public_key().as_ref();
-    if point.len() != 65 {
-        return Err(format!("unexpected public key length {}", point.len()));
-    }
-    let jwks = json!({"keys": [{
-        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
-        "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-    }]});
-    write_private(pkcs8_out, pkcs8.as_ref())?;
-    std::fs::write(jwks_out, jwks.to_string())
-        .map_err(|e| format!("writing {}: {e}", jwks_out.display()))?;
-    Ok(json!({
-        "mode": "jwt-key",
-        "kid": kid,
-        "pkcs8": pkcs8_out.display().to_string(),
-        "jwks": jwks_out.display().to_string(),
-    }))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("creating {}: {e}", path.display()))?;
-    f.write_all(bytes)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn minted_tokens_verify_against_the_written_jwks() {
-        let dir = std::env::temp_dir().join(format!("ws-loadgen-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (key, jwks) = (dir.join("k.p8"), dir.join("jwks.json"));
-        write_key("t", &key, &jwks).expect("write");
-        let signer = Signer::load(&key, "t", Some("iss".into()), Some("aud".into())).expect("load");
+    fn minted_tokens_verify_against_the_jwk() {
+        let rng = SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+        let key = Key::from_pkcs8(pkcs8.as_ref()).expect("load");
+        let k = key.jwk("t");
+        let signer = Signer::new(key, "t", Some("iss".into()), Some("aud".into()));
         let token = signer.token("u1", "j1", unix_now() + 60).expect("sign");
-        let doc: Value =
-            serde_json::from_slice(&std::fs::read(&jwks).expect("jwks")).expect("json");
-        let k = &doc["keys"][0];
         let coord = |c: &str| URL_SAFE_NO_PAD.decode(k[c].as_str().expect(c)).expect(c);
         let mut point = vec![4u8];
         point.extend(coord("x"));
@@ -147,8 +201,15 @@ mod tests {
         )
         .expect("claims");
         assert_eq!(claims["sub"], "u1");
+        assert_eq!(claims["jti"], "j1");
         assert_eq!(claims["iss"], "iss");
         assert_eq!(claims["aud"], "aud");
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unsigned_integers_lose_leading_zeros_only() {
+        assert_eq!(unsigned(&[0, 0, 1, 0, 1]), &[1, 0, 1]);
+        assert_eq!(unsigned(&[0x80, 0]), &[0x80, 0]);
+        assert_eq!(unsigned(&[0]), &[0]);
     }
 }

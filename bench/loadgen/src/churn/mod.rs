@@ -54,7 +54,7 @@ pub(crate) struct ChurnArgs {
     /// File with the gateway's admin secret (its ADMIN_TOKEN_FILE), for the `revoke` kind.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
-    /// P-256 signing key, PKCS#8 DER (`ws-loadgen jwt-key` writes one and its JWKS).
+    /// Signing key, PKCS#8 PEM or DER, P-256 for ES256 (`ws-loadgen pki --jwt es256` writes `jwt.key` and its JWKS).
     #[arg(long)]
     signing_key: PathBuf,
     /// `kid` of the signing key in the gateway's JWKS.
