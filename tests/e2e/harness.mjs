@@ -243,16 +243,20 @@ export async function startJwks() {
 // ---------------------------------------------------------------------------------------------------------------
 // TLS certificate
 
+/** The load generator next to the gateway binary: it makes the test certificates (`ws-loadgen pki`). */
+export const LOADGEN_BIN = path.resolve(
+  process.env.WS_LOADGEN_BIN || path.join(path.dirname(GATEWAY_BIN), 'ws-loadgen'));
+
 /** A self-signed P-256 certificate for localhost and 127.0.0.1: { dir, cert, key, certPem }. */
 export async function makeCert() {
   const dir = makeTempDir('tls');
-  const cert = path.join(dir, 'cert.pem');
-  const key = path.join(dir, 'key.pem');
-  await withTimeout(execFileP('openssl', [
-    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '1',
-    '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
-    '-keyout', key, '-out', cert,
-  ]), 20000, 'openssl req');
+  if (!fs.existsSync(LOADGEN_BIN)) {
+    throw new Error(`load generator ${LOADGEN_BIN} not found: build it (cargo build --workspace) or set WS_LOADGEN_BIN`);
+  }
+  await withTimeout(execFileP(LOADGEN_BIN, ['pki', '--out', dir, '--self-signed', '--jwt', 'none']),
+    20000, 'ws-loadgen pki');
+  const cert = path.join(dir, 'server.pem');
+  const key = path.join(dir, 'server.key');
   return { dir, cert, key, certPem: fs.readFileSync(cert, 'utf8') };
 }
 

@@ -49,6 +49,9 @@ pub(crate) struct PkiArgs {
     /// A self-signed server certificate (its own trust anchor), and no CA.
     #[arg(long)]
     self_signed: bool,
+    /// Server certificates to write, as NAME.pem and NAME.key, each with its own key and the same names.
+    #[arg(long, value_delimiter = ',', default_value = "server")]
+    leaves: Vec<String>,
     /// Days the certificates are valid (from an hour ago).
     #[arg(long, default_value_t = 2)]
     days: u32,
@@ -85,6 +88,17 @@ pub(crate) fn pki(a: &PkiArgs) -> Result<Value, String> {
     if a.san.is_empty() || a.san.iter().any(String::is_empty) {
         return Err("--san: at least one name, none empty".into());
     }
+    if a.leaves.is_empty()
+        || a.leaves.iter().any(|l| {
+            l.is_empty()
+                || l.len() > 64
+                || !l
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+    {
+        return Err("--leaves: names of letters, digits, '-' and '_'".into());
+    }
     if !(1..=3650).contains(&a.days) {
         return Err("--days must be between 1 and 3650".into());
     }
@@ -116,9 +130,8 @@ pub(crate) fn pki(a: &PkiArgs) -> Result<Value, String> {
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.not_before = not_before.into();
     server.not_after = not_after.into();
-    let server_key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
-    let server_cert = if a.self_signed {
-        server.self_signed(&server_key)
+    let issuer = if a.self_signed {
+        None
     } else {
         let mut ca = CertificateParams::default();
         ca.distinguished_name = rcgen::DistinguishedName::new();
@@ -135,11 +148,18 @@ pub(crate) fn pki(a: &PkiArgs) -> Result<Value, String> {
         put("ca.pem", ca_cert.pem().as_bytes(), false)?;
         put("ca.key", ca_key.serialize_pem().as_bytes(), true)?;
         server.use_authority_key_identifier_extension = true;
-        server.signed_by(&server_key, &Issuer::new(ca, ca_key))
+        Some(Issuer::new(ca, ca_key))
+    };
+    for leaf in &a.leaves {
+        let server_key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+        let server_cert = match &issuer {
+            None => server.self_signed(&server_key),
+            Some(issuer) => server.signed_by(&server_key, issuer),
+        }
+        .map_err(|e| format!("the server certificate: {e}"))?;
+        put(&format!("{leaf}.pem"), server_cert.pem().as_bytes(), false)?;
+        put(&format!("{leaf}.key"), server_key.serialize_pem().as_bytes(), true)?;
     }
-    .map_err(|e| format!("the server certificate: {e}"))?;
-    put("server.pem", server_cert.pem().as_bytes(), false)?;
-    put("server.key", server_key.serialize_pem().as_bytes(), true)?;
 
     // The JWT signing key, its public key, its JWKS and the token.
     let pkcs8_pem = match a.jwt {
