@@ -67,6 +67,8 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Times the shared state store was lost.
     pub store_reconnects: Counter,
+    /// Limits enforced, by kind (`handshake_ip`, `message_rate`, ...): the Go gateway's name.
+    pub rate_limit_violations: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -105,6 +107,7 @@ impl Metrics {
             revocations: Family::default(),
             store_up: Gauge::default(),
             store_reconnects: Counter::default(),
+            rate_limit_violations: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -223,6 +226,11 @@ impl Metrics {
             "Times the shared state store was lost",
             m.store_reconnects.clone(),
         );
+        registry.register(
+            "ws_rate_limit_violations",
+            "Connections, handshakes or sessions stopped by a rate or session limit, by kind",
+            m.rate_limit_violations.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -269,6 +277,7 @@ fn status_label(status: u16) -> &'static str {
         405 => "405",
         408 => "408",
         426 => "426",
+        429 => "429",
         431 => "431",
         502 => "502",
         503 => "503",

@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::budget::MessageRate;
+use crate::config::RateLimit;
 use crate::frame::{self, FrameTracker};
 use crate::registry::{CloseRequest, SessionControl};
 use crate::shutdown::Signal;
@@ -56,6 +58,8 @@ pub(crate) struct Limits {
     pub write: Duration,
     /// Time allowed to deliver the Close frame when the session is ended by the gateway.
     pub close_grace: Duration,
+    /// Client frames allowed per second (`WS_MESSAGE_RATE_PER_SECOND`, `WS_MESSAGE_BURST`).
+    pub messages: Option<RateLimit>,
 }
 
 /// Why a session ended.
@@ -73,6 +77,8 @@ pub(crate) enum EndReason {
     Drain,
     /// Closed from outside (revocation).
     Revoked(&'static str),
+    /// The client sent frames faster than `WS_MESSAGE_RATE_PER_SECOND` allows.
+    MessageRate,
     /// The client's socket failed.
     ClientError,
     /// The upstream's socket failed.
@@ -90,6 +96,7 @@ impl EndReason {
             EndReason::Expired => "token_expired",
             EndReason::Drain => "drain",
             EndReason::Revoked(_) => "revoked",
+            EndReason::MessageRate => "message_rate",
             EndReason::ClientError => "client_error",
             EndReason::UpstreamError => "upstream_error",
         }
@@ -114,6 +121,10 @@ impl EndReason {
             EndReason::Revoked(reason) => Some(CloseRequest {
                 code: frame::CLOSE_POLICY,
                 reason,
+            }),
+            EndReason::MessageRate => Some(CloseRequest {
+                code: frame::CLOSE_POLICY,
+                reason: "rate limit exceeded",
             }),
             _ => None,
         }
@@ -147,23 +158,48 @@ struct Pump {
     eof: bool,
     done: bool,
     bytes: u64,
+    /// Set when a frame was refused by the message rate: the buffered bytes end just before it, and this tracker
+    /// follows the source's stream from there, for the lingering read after the Close.
+    cut: Option<Box<FrameTracker>>,
 }
 
 impl Pump {
-    fn with_initial(bytes: Vec<u8>) -> Pump {
+    fn with_initial(bytes: Vec<u8>, rate: Option<&mut MessageRate>) -> Pump {
         let mut p = Pump::default();
         if !bytes.is_empty() {
-            p.end = bytes.len();
-            p.note_read(&bytes);
+            p.end = p.note_read(&bytes, rate);
             p.buf = Some(bytes);
         }
         p
     }
 
-    fn note_read(&mut self, chunk: &[u8]) {
+    /// Follows the frames of a chunk just read and charges them to `rate`; returns how many of its bytes are
+    /// relayed: all, or those before the first frame over the rate.
+    ///
+    /// Every frame the client starts costs a token except Close: data, continuation, ping and pong alike, so a
+    /// flood of pings or of tiny fragments is held like a flood of messages (a client that sends each message as
+    /// one frame, as browsers and MQTT clients do, is charged one token per message). The bucket is refilled once
+    /// per read, not per frame.
+    fn note_read(&mut self, chunk: &[u8], rate: Option<&mut MessageRate>) -> usize {
         let was_at = self.frames.at_boundary();
-        self.boundary = self.frames.feed(chunk).or(was_at.then_some(0));
-        self.bytes += chunk.len() as u64;
+        let (last, refused) = match rate {
+            None => (self.frames.feed(chunk), None),
+            Some(rate) => {
+                rate.refill(Instant::now());
+                self.frames
+                    .feed_admitting(chunk, |op| op == frame::OP_CLOSE || rate.take())
+            }
+        };
+        self.boundary = last.or(was_at.then_some(0));
+        let kept = refused.unwrap_or(chunk.len());
+        if refused.is_some() {
+            // The refused frame starts a frame, so a fresh tracker follows the rest of the source's stream.
+            let mut rest = FrameTracker::new();
+            rest.feed(&chunk[kept..]);
+            self.cut = Some(Box::new(rest));
+        }
+        self.bytes += kept as u64;
+        kept
     }
 
     /// Writes and flushes what is buffered; returns the buffer to the pool when done.
@@ -212,6 +248,7 @@ impl Pump {
         cx: &mut Context<'_>,
         src: &mut R,
         limit: usize,
+        rate: Option<&mut MessageRate>,
     ) -> Poll<io::Result<usize>> {
         let mut buf = take_buffer();
         let mut rb = ReadBuf::new(&mut buf[..limit.min(BUF_SIZE)]);
@@ -222,9 +259,9 @@ impl Pump {
                     give_buffer(buf);
                     return Poll::Ready(Ok(0));
                 }
-                self.note_read(&buf[..n]);
+                let kept = self.note_read(&buf[..n], rate);
                 self.start = 0;
-                self.end = n;
+                self.end = kept;
                 self.buf = Some(buf);
                 Poll::Ready(Ok(n))
             }
@@ -244,13 +281,15 @@ impl Pump {
         }
     }
 
-    /// Copies until end of stream, then shuts the destination's write side (half-close).
+    /// Copies until end of stream, then shuts the destination's write side (half-close). With `rate`, stops at
+    /// the first frame over it ([`Side::Limited`]), before relaying that frame.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut R,
         dst: &mut W,
         active: &mut Instant,
+        mut rate: Option<&mut MessageRate>,
     ) -> Poll<Result<(), Side>>
     where
         R: AsyncRead + Unpin,
@@ -259,6 +298,10 @@ impl Pump {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
+            }
+            if self.cut.is_some() {
+                // What was read before the refused frame is relayed by the close, followed by the Close frame.
+                return Poll::Ready(Err(Side::Limited));
             }
             match self.poll_drain(cx, dst) {
                 Poll::Ready(Ok(())) => {}
@@ -274,7 +317,7 @@ impl Pump {
                     Poll::Pending => Poll::Pending,
                 };
             }
-            match self.poll_fill(cx, src, BUF_SIZE) {
+            match self.poll_fill(cx, src, BUF_SIZE, rate.as_deref_mut()) {
                 Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(_)) => *active = Instant::now(),
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(Side::Source)),
@@ -331,8 +374,9 @@ impl Pump {
                 *sent = true;
                 continue;
             }
+            // Up to the boundary only: no new frame starts here, so none is charged to the message rate.
             let limit = self.frames.until_boundary(BUF_SIZE);
-            match self.poll_fill(cx, src, limit) {
+            match self.poll_fill(cx, src, limit, None) {
                 Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -384,6 +428,8 @@ fn mask_key() -> [u8; 4] {
 enum Side {
     Source,
     Destination,
+    /// The source sent frames faster than its message rate.
+    Limited,
 }
 
 /// A session being relayed.
@@ -397,6 +443,8 @@ pub(crate) struct Session<C, U> {
     active: Instant,
     write_blocked_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// The client's message budget (`WS_MESSAGE_RATE_PER_SECOND`), charged by the client-to-upstream pump.
+    rate: Option<MessageRate>,
 }
 
 impl<C, U> Session<C, U>
@@ -415,16 +463,18 @@ where
         expires_at: Option<Instant>,
     ) -> Self {
         let now = Instant::now();
+        let mut rate = limits.messages.map(MessageRate::new);
         Session {
             client,
             upstream,
-            up: Pump::with_initial(client_rest),
-            down: Pump::with_initial(upstream_rest),
+            up: Pump::with_initial(client_rest, rate.as_mut()),
+            down: Pump::with_initial(upstream_rest, None),
             limits,
             expires_at,
             active: now,
             write_blocked_since: None,
             timer: Box::pin(tokio::time::sleep_until(now + limits.idle)),
+            rate,
         }
     }
 
@@ -502,7 +552,8 @@ where
             return;
         }
         if !up.eof && up.frames.at_boundary() {
-            let mut tracker = FrameTracker::new();
+            // After a frame refused by the message rate, the tracker that followed the client past it.
+            let mut tracker = up.cut.take().map_or_else(FrameTracker::new, |t| *t);
             poll_fn(|cx| {
                 poll_discard(cx, &mut *client, &mut tracker, |t| {
                     t.saw_close() && t.at_boundary()
@@ -522,14 +573,16 @@ where
             up,
             down,
             active,
+            rate,
             ..
         } = self;
-        match up.poll_copy(cx, client, upstream, active) {
+        match up.poll_copy(cx, client, upstream, active, rate.as_mut()) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::ClientError),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::UpstreamError),
+            Poll::Ready(Err(Side::Limited)) => return Poll::Ready(EndReason::MessageRate),
             _ => {}
         }
-        match down.poll_copy(cx, upstream, client, active) {
+        match down.poll_copy(cx, upstream, client, active, None) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::UpstreamError),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::ClientError),
             _ => {}
@@ -605,6 +658,7 @@ mod tests {
             idle: Duration::from_secs(60),
             write: Duration::from_secs(10),
             close_grace: Duration::from_secs(2),
+            messages: None,
         }
     }
 
@@ -660,6 +714,113 @@ mod tests {
             (out.client_to_upstream, out.upstream_to_client),
             (100_005, 9)
         );
+    }
+
+    fn limited(per_second: f64, burst: u32) -> Limits {
+        Limits {
+            messages: Some(RateLimit { per_second, burst }),
+            ..limits()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_over_the_message_rate_are_not_relayed_and_both_sides_get_close_1008() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (mut gw_up, mut upstream) = duplex(1 << 16);
+        // Ten frames in one write, pings among them: three fit the burst, the fourth (a ping) is refused.
+        let mut burst = Vec::new();
+        for i in 0..10u8 {
+            let op = if i % 2 == 1 {
+                frame::OP_PING
+            } else {
+                OP_BINARY
+            };
+            burst.extend_from_slice(&encode(op, &[i; 5], Some([1, 2, 3, i])));
+        }
+        client.write_all(&burst).await.expect("write");
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limited(0.001, 3),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        let mut buf = [0u8; 256];
+        let n = client.read(&mut buf).await.expect("close");
+        let (f, _) = decode(&buf[..n], 125).expect("valid").expect("frame");
+        assert_eq!(f.opcode, frame::OP_CLOSE);
+        assert_eq!(f.payload[..2], 1008u16.to_be_bytes());
+        assert_eq!(&f.payload[2..], b"rate limit exceeded");
+        client
+            .write_all(&frame::close_frame(1008, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("answer");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::MessageRate);
+        assert!(out.close_sent);
+        let mut up = Vec::new();
+        upstream.read_to_end(&mut up).await.expect("upstream");
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < up.len() {
+            let (f, used) = decode(&up[at..], 4096).expect("valid").expect("whole");
+            at += used;
+            frames.push(f);
+        }
+        let ops: Vec<u8> = frames.iter().map(|f| f.opcode).collect();
+        assert_eq!(
+            ops,
+            vec![OP_BINARY, frame::OP_PING, OP_BINARY, frame::OP_CLOSE]
+        );
+        assert_eq!(frames[3].payload[..2], 1008u16.to_be_bytes());
+        assert_eq!(out.client_to_upstream, 3 * 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_under_the_message_rate_keeps_going() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (mut gw_up, mut upstream) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limited(10.0, 3),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        // Five frames a second against ten allowed, for four seconds; the Close at the end costs nothing.
+        for i in 0..20u8 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client
+                .write_all(&encode(OP_BINARY, &[i; 8], Some([4, 3, 2, 1])))
+                .await
+                .expect("write");
+        }
+        client
+            .write_all(&frame::close_frame(1000, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("close");
+        client.shutdown().await.expect("half-close");
+        let mut up = Vec::new();
+        upstream.read_to_end(&mut up).await.expect("upstream");
+        drop(upstream);
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::Closed);
+        assert_eq!(out.client_to_upstream, up.len() as u64);
+        assert_eq!(up.len(), 20 * 14 + 8);
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::SeenLogoutTokens;
 use crate::auth::jwt::Verifier;
 use crate::auth::{AuthError, Identity};
+use crate::budget::HandshakeBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pending::{Pending, Ticket};
@@ -49,6 +50,8 @@ pub(crate) struct Gateway {
     pub store: Arc<Store>,
     /// Back-channel logout token ids already used.
     pub logout_jtis: SeenLogoutTokens,
+    /// Handshakes per client address (`HANDSHAKE_RATE_PER_IP`), `None` when off.
+    pub handshake_budget: Option<HandshakeBudget>,
 }
 
 impl std::fmt::Debug for Gateway {
