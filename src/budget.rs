@@ -79,10 +79,13 @@ impl HandshakeBudget {
                 .unwrap_or(u64::MAX),
         );
         let hash = self.key.hash_one(address_key(ip));
-        let slots = [
-            &self.slots[(hash as usize) & (SLOTS - 1)],
-            &self.slots[((hash >> 32) as usize) & (SLOTS - 1)],
-        ];
+        let first = (hash as usize) & (SLOTS - 1);
+        let mut second = ((hash >> 32) as usize) & (SLOTS - 1);
+        if second == first {
+            // Two distinct buckets, or the one would be charged twice per handshake.
+            second ^= 1;
+        }
+        let slots = [&self.slots[first], &self.slots[second]];
         // The arrival time each bucket would have after this handshake; allowed if either stays within tolerance.
         let next = |tat: u64| tat.max(now).saturating_add(self.interval);
         let wait = slots
@@ -141,7 +144,12 @@ impl LogGate {
         if now_ms >= next
             && self
                 .next_ms
-                .compare_exchange(next, now_ms + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(1000),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             return Some(self.suppressed.swap(0, Ordering::Relaxed));
