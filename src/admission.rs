@@ -1,8 +1,9 @@
-//! Admission: everything between accept and the relay. PROXY header, TLS and the request head under one
-//! deadline; then route, upgrade checks, Origin and token; then a session slot, the upstream dial and the 101.
+//! Admission: everything between accept and the relay. PROXY header, the handshake budget of the client's address,
+//! TLS and the request head under one deadline; then route, upgrade checks, Origin and token; then a session slot,
+//! the upstream dial and the 101.
 //! The result is an [`Established`] connection or a [`Refusal`] answered by [`refuse`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
@@ -26,6 +27,8 @@ pub(crate) struct Established<'a> {
     pub(crate) client_rest: Vec<u8>,
     pub(crate) upstream_rest: Vec<u8>,
     pub(crate) peer: SocketAddr,
+    /// The real client: `peer`, or the address a trusted proxy's `X-Forwarded-For` names.
+    pub(crate) client_ip: IpAddr,
     pub(crate) route: &'a Route,
     pub(crate) identity: Identity,
     pub(crate) source: Source,
@@ -44,6 +47,8 @@ pub(crate) async fn establish(
 ) -> Option<Established<'_>> {
     let _ = tcp.set_nodelay(true);
     let deadline = Instant::now() + gw.config.timeouts.handshake;
+    // A PROXY header without an address (LOCAL: the balancer's own health check) is not charged to any budget.
+    let mut local = false;
 
     if gw.config.proxy_protocol {
         if !gw
@@ -62,7 +67,7 @@ pub(crate) async fn establish(
         match tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)).await
         {
             Ok(Ok(Some(addr))) => peer = addr,
-            Ok(Ok(None)) => {}
+            Ok(Ok(None)) => local = true,
             Ok(Err(error)) => {
                 tracing::warn!(event = "proxy_header_invalid", peer = %peer, %error, "bad PROXY protocol header; closing");
                 gw.metrics
@@ -73,6 +78,17 @@ pub(crate) async fn establish(
             }
             Err(_) => return None,
         }
+    }
+
+    // The handshake budget, before any TLS work. A peer in TRUSTED_PROXIES speaks for many clients, named by its
+    // X-Forwarded-For: their budgets are checked once the head is read.
+    let forwarder = gw
+        .config
+        .forwarded_trusted
+        .iter()
+        .any(|c| c.contains(peer.ip()));
+    if !local && !forwarder && !within_budget(gw, peer) {
+        return None;
     }
 
     let mut io = match &gw.tls {
@@ -121,6 +137,15 @@ pub(crate) async fn establish(
         };
         let _ = resp.send(&mut io).await;
         return None;
+    }
+    let client_ip = crate::upstream::real_client_ip(&head, peer.ip(), &gw.config.forwarded_trusted);
+    if let (Some(budget), true, false) = (&gw.handshake_budget, forwarder, local) {
+        if let Err(wait) = budget.check(client_ip) {
+            let retry_after = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            return at
+                .refuse(&mut io, Refusal::HandshakeBudget { retry_after })
+                .await;
+        }
     }
     let Some(pool) = gw
         .config
@@ -171,6 +196,7 @@ pub(crate) async fn establish(
         client_rest: rest,
         upstream_rest: up_rest,
         peer,
+        client_ip,
         route,
         identity,
         source,
@@ -178,6 +204,27 @@ pub(crate) async fn establish(
         lease,
         subject_lease,
     })
+}
+
+/// The handshake budget of a client's address, checked before TLS: `false` when the connection is to be closed
+/// without an answer, which is counted and logged (at most one line a second, with the number held back).
+fn within_budget(gw: &Gateway, peer: SocketAddr) -> bool {
+    let Some(budget) = &gw.handshake_budget else {
+        return true;
+    };
+    let Err(wait) = budget.check(peer.ip()) else {
+        return true;
+    };
+    gw.metrics
+        .rate_limit_violations
+        .get_or_create(&[("kind", "handshake_ip")])
+        .inc();
+    if let Some(suppressed) = budget.log.allow() {
+        tracing::info!(event = "handshake_throttled", peer = %peer, client_ip = %peer.ip(),
+            retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), suppressed,
+            "handshake budget of this address spent; closed before TLS");
+    }
+    false
 }
 
 /// What admission holds once the upstream answered: the session slot, the upstream, its endpoint lease, and the

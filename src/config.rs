@@ -473,6 +473,24 @@ pub struct Settings {
     #[arg(long, env = "READINESS_REQUIRES_UPSTREAM", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub readiness_requires_upstream: Option<bool>,
+    /// Handshakes each client address may start per second, before TLS (a decimal; 0 = off) [default: 0].
+    #[arg(long, env = "HANDSHAKE_RATE_PER_IP", value_name = "PER_SECOND")]
+    pub handshake_rate_per_ip: Option<f64>,
+
+    /// Handshakes one client address may start at once before HANDSHAKE_RATE_PER_IP applies (0 = off)
+    /// [default: HANDSHAKE_RATE_PER_IP rounded up, at least 1].
+    #[arg(long, env = "HANDSHAKE_BURST_PER_IP", value_name = "N")]
+    pub handshake_burst_per_ip: Option<u32>,
+
+    /// Frames each session's client may send per second (a decimal; 0 = off); beyond it, Close 1008
+    /// "rate limit exceeded" [default: 0].
+    #[arg(long, env = "WS_MESSAGE_RATE_PER_SECOND", value_name = "PER_SECOND")]
+    pub ws_message_rate_per_second: Option<f64>,
+
+    /// Frames a session's client may send at once before WS_MESSAGE_RATE_PER_SECOND applies (0 = off)
+    /// [default: WS_MESSAGE_RATE_PER_SECOND rounded up, at least 1].
+    #[arg(long, env = "WS_MESSAGE_BURST", value_name = "N")]
+    pub ws_message_burst: Option<u32>,
 }
 
 impl Settings {
@@ -572,6 +590,10 @@ impl Settings {
             ws_dial_retry_max,
             ws_dial_retry_interval_seconds,
             readiness_requires_upstream,
+            handshake_rate_per_ip,
+            handshake_burst_per_ip,
+            ws_message_rate_per_second,
+            ws_message_burst,
         } = file;
         Settings {
             config: self.config,
@@ -659,6 +681,12 @@ impl Settings {
             readiness_requires_upstream: self
                 .readiness_requires_upstream
                 .or(readiness_requires_upstream),
+            handshake_rate_per_ip: self.handshake_rate_per_ip.or(handshake_rate_per_ip),
+            handshake_burst_per_ip: self.handshake_burst_per_ip.or(handshake_burst_per_ip),
+            ws_message_rate_per_second: self
+                .ws_message_rate_per_second
+                .or(ws_message_rate_per_second),
+            ws_message_burst: self.ws_message_burst.or(ws_message_burst),
         }
     }
 
@@ -1044,6 +1072,22 @@ impl Settings {
             },
             readiness_requires_upstream: self.readiness_requires_upstream.unwrap_or(false),
         };
+        let handshake_budget = RateLimit::resolve(
+            self.handshake_rate_per_ip,
+            self.handshake_burst_per_ip,
+            (
+                "HANDSHAKE_RATE_PER_IP (--handshake-rate-per-ip)",
+                "HANDSHAKE_BURST_PER_IP (--handshake-burst-per-ip)",
+            ),
+        )?;
+        let message_rate = RateLimit::resolve(
+            self.ws_message_rate_per_second,
+            self.ws_message_burst,
+            (
+                "WS_MESSAGE_RATE_PER_SECOND (--ws-message-rate-per-second)",
+                "WS_MESSAGE_BURST (--ws-message-burst)",
+            ),
+        )?;
 
         let default_listen = if self.dev {
             "127.0.0.1:8443"
@@ -1133,6 +1177,8 @@ impl Settings {
             forwarded_trusted,
             max_pending_handshakes,
             reuse_port: self.reuse_port.unwrap_or(false),
+            handshake_budget,
+            message_rate,
             store,
             store_alias,
             revocation_max_ttl: i64::try_from(revocation_max_ttl).unwrap_or(i64::MAX),
@@ -1260,6 +1306,62 @@ fn bounded(v: u64, min: u64, max: u64, setting: &str) -> Result<u64, ConfigError
             setting,
             format!("must be between {min} and {max}, got {v}"),
         ))
+    }
+}
+
+/// The fastest rate either limit accepts, per second: above it a token bucket's interval (1 µs) stops meaning much.
+pub const MAX_RATE: f64 = 1_000_000.0;
+/// The slowest non-zero rate accepted, per second (one every 1,000 s).
+pub const MIN_RATE: f64 = 0.001;
+/// The largest burst accepted.
+pub const MAX_BURST: u32 = 1_000_000;
+
+/// A token bucket's settings: `per_second` tokens refill it, up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second (from `MIN_RATE` to `MAX_RATE`).
+    pub per_second: f64,
+    /// The bucket's size, and what a quiet client may spend at once (1 to `MAX_BURST`).
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// A limit from its two settings: off when either is 0 or the rate is unset; the burst defaults to one second
+    /// of the rate (rounded up). A burst without a rate is an error: it would never refill.
+    fn resolve(
+        rate: Option<f64>,
+        burst: Option<u32>,
+        (rate_setting, burst_setting): (&str, &str),
+    ) -> Result<Option<RateLimit>, ConfigError> {
+        if let Some(r) = rate {
+            if !r.is_finite() || r < 0.0 || (r > 0.0 && r < MIN_RATE) || r > MAX_RATE {
+                return Err(ConfigError::new(
+                    rate_setting,
+                    format!("must be 0 (off) or between {MIN_RATE} and {MAX_RATE}, got {r}"),
+                ));
+            }
+        }
+        if let Some(b) = burst {
+            if b > MAX_BURST {
+                return Err(ConfigError::new(
+                    burst_setting,
+                    format!("must be between 0 (off) and {MAX_BURST}, got {b}"),
+                ));
+            }
+        }
+        match (rate.unwrap_or(0.0), burst) {
+            (_, Some(0)) => Ok(None),
+            (0.0, Some(_)) => Err(ConfigError::new(
+                burst_setting,
+                format!("is set but {rate_setting} is not: a burst alone never refills (set both, or 0 for off)"),
+            )),
+            (0.0, _) => Ok(None),
+            (r, b) => Ok(Some(RateLimit {
+                per_second: r,
+                // Invariant: r <= MAX_RATE, so its ceiling fits in u32.
+                burst: b.unwrap_or_else(|| (r.ceil() as u32).max(1)),
+            })),
+        }
     }
 }
 
@@ -1429,6 +1531,10 @@ pub struct Config {
     pub max_pending_handshakes: usize,
     /// Listen with SO_REUSEPORT.
     pub reuse_port: bool,
+    /// Handshakes per client address, checked before TLS; `None` when off.
+    pub handshake_budget: Option<RateLimit>,
+    /// Client frames per session; `None` when off.
+    pub message_rate: Option<RateLimit>,
     /// Where revocations are shared.
     pub store: StoreConfig,
     /// The store was chosen with the Go name `JWT_CACHE_STORE`.
@@ -1748,6 +1854,129 @@ ws_dial_retry_interval_seconds = 1\njwks_url = \"http://idp/jwks\"\n",
         assert!(
             Settings::try_parse_from(["ws-gateway", "--upstream-balance", "random"]).is_err(),
             "an unknown policy is refused by the parser"
+        );
+    }
+
+    #[test]
+    fn rate_limits_are_off_by_default_and_bounded() {
+        let base = [
+            "--upstream-ws-url",
+            "ws://a/",
+            "--jwks-url",
+            "http://idp/jwks",
+        ];
+        let off = parse(&base).resolve().expect("defaults");
+        assert_eq!((off.handshake_budget, off.message_rate), (None, None));
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args).resolve()
+        };
+        let on = with(&[
+            "--handshake-rate-per-ip",
+            "2.5",
+            "--ws-message-rate-per-second",
+            "100",
+            "--ws-message-burst",
+            "400",
+        ])
+        .expect("valid");
+        // The burst defaults to one second of the rate, rounded up.
+        assert_eq!(
+            on.handshake_budget,
+            Some(RateLimit {
+                per_second: 2.5,
+                burst: 3
+            })
+        );
+        assert_eq!(
+            on.message_rate,
+            Some(RateLimit {
+                per_second: 100.0,
+                burst: 400
+            })
+        );
+        // A burst of 0 turns either off.
+        let off = with(&[
+            "--handshake-rate-per-ip",
+            "5",
+            "--handshake-burst-per-ip",
+            "0",
+        ])
+        .expect("valid");
+        assert_eq!(off.handshake_budget, None);
+        for (extra, setting) in [
+            (
+                &["--handshake-rate-per-ip", "NaN"][..],
+                "HANDSHAKE_RATE_PER_IP (--handshake-rate-per-ip)",
+            ),
+            (
+                &["--handshake-rate-per-ip", "inf"][..],
+                "HANDSHAKE_RATE_PER_IP (--handshake-rate-per-ip)",
+            ),
+            (
+                &["--handshake-rate-per-ip", "0.0001"][..],
+                "HANDSHAKE_RATE_PER_IP (--handshake-rate-per-ip)",
+            ),
+            (
+                &["--handshake-rate-per-ip=-1"][..],
+                "HANDSHAKE_RATE_PER_IP (--handshake-rate-per-ip)",
+            ),
+            (
+                &[
+                    "--handshake-rate-per-ip",
+                    "1",
+                    "--handshake-burst-per-ip",
+                    "1000001",
+                ][..],
+                "HANDSHAKE_BURST_PER_IP (--handshake-burst-per-ip)",
+            ),
+            (
+                &["--handshake-burst-per-ip", "10"][..],
+                "HANDSHAKE_BURST_PER_IP (--handshake-burst-per-ip)",
+            ),
+            (
+                &["--ws-message-rate-per-second", "1000001"][..],
+                "WS_MESSAGE_RATE_PER_SECOND (--ws-message-rate-per-second)",
+            ),
+            (
+                &["--ws-message-burst", "3"][..],
+                "WS_MESSAGE_BURST (--ws-message-burst)",
+            ),
+        ] {
+            let err = with(extra).expect_err(extra[0]);
+            assert_eq!(err.setting, setting, "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_from_the_file() {
+        let file: Settings = toml::from_str(
+            "handshake_rate_per_ip = 10\nhandshake_burst_per_ip = 20\nws_message_rate_per_second = 0.5\n",
+        )
+        .expect("toml");
+        let config = parse(&[
+            "--upstream-ws-url",
+            "ws://a/",
+            "--jwks-url",
+            "http://idp/jwks",
+        ])
+        .merge(file)
+        .resolve()
+        .expect("valid");
+        assert_eq!(
+            config.handshake_budget,
+            Some(RateLimit {
+                per_second: 10.0,
+                burst: 20
+            })
+        );
+        assert_eq!(
+            config.message_rate,
+            Some(RateLimit {
+                per_second: 0.5,
+                burst: 1
+            })
         );
     }
 

@@ -60,10 +60,25 @@ impl FrameTracker {
     }
 
     /// Consumes a chunk; returns the offset just after the last frame that ended inside it, if any.
-    pub fn feed(&mut self, mut chunk: &[u8]) -> Option<usize> {
+    pub fn feed(&mut self, chunk: &[u8]) -> Option<usize> {
+        self.feed_admitting(chunk, |_| true).0
+    }
+
+    /// As [`Self::feed`], but asks `admit` with the opcode of each frame as its first byte arrives; at the first
+    /// frame refused the tracker stops, positioned at that frame's start, and the second value is its offset (the
+    /// first value is then that same offset: a boundary). The bytes from there on are not consumed.
+    pub fn feed_admitting(
+        &mut self,
+        mut chunk: &[u8],
+        mut admit: impl FnMut(u8) -> bool,
+    ) -> (Option<usize>, Option<usize>) {
         let total = chunk.len();
         let mut last = None;
         while !chunk.is_empty() {
+            if self.at_boundary() && !admit(chunk[0] & 0x0f) {
+                let at = total - chunk.len();
+                return (Some(at), Some(at));
+            }
             if self.remaining > 0 {
                 let take =
                     usize::try_from(self.remaining).map_or(chunk.len(), |r| r.min(chunk.len()));
@@ -90,7 +105,7 @@ impl FrameTracker {
                 }
             }
         }
-        last
+        (last, None)
     }
 
     /// The most bytes that can be read without passing the next frame boundary (at least 1, at most `cap`).
@@ -263,6 +278,51 @@ mod tests {
                 assert!(ends.contains(f), "chunk {chunk}: {f} is not a frame end");
             }
         }
+    }
+
+    #[test]
+    fn admitting_asks_once_per_frame_and_stops_at_the_refused_frame_start() {
+        let (bytes, ends) = stream();
+        for chunk in [1usize, 2, 3, 7, 13, 100, 4096, bytes.len()] {
+            // Admit three frames, then refuse: the stop is the start of the fourth, whatever the chunking.
+            let mut t = FrameTracker::new();
+            let mut asked = Vec::new();
+            let mut stop = None;
+            let mut offset = 0;
+            for c in bytes.chunks(chunk) {
+                let (last, refused) = t.feed_admitting(c, |op| {
+                    asked.push(op);
+                    asked.len() <= 3
+                });
+                if let Some(at) = refused {
+                    assert_eq!(last, Some(at));
+                    stop = Some(offset + at);
+                    break;
+                }
+                offset += c.len();
+            }
+            assert_eq!(stop, Some(ends[2]), "chunk {chunk}");
+            assert_eq!(
+                asked,
+                vec![OP_BINARY, OP_BINARY, OP_PING, OP_BINARY],
+                "chunk {chunk}"
+            );
+            assert!(t.at_boundary(), "chunk {chunk}");
+        }
+        // A continuation frame is asked about like any other, with its own opcode.
+        let mut t = FrameTracker::new();
+        let mut first = encode(OP_BINARY, b"ab", None);
+        first[0] &= 0x7f;
+        first.extend_from_slice(&encode(OP_CONTINUATION, b"cd", None));
+        let mut asked = Vec::new();
+        assert_eq!(
+            t.feed_admitting(&first, |op| {
+                asked.push(op);
+                true
+            }),
+            (Some(first.len()), None)
+        );
+        assert_eq!(asked, vec![OP_BINARY, OP_CONTINUATION]);
     }
 
     #[test]

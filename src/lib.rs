@@ -6,7 +6,9 @@
 //! In the order a connection meets it:
 //! - [`config`]: typed, validated configuration (flags > env > file > defaults);
 //! - `server`: the shared state and the accept loop, one task per connection;
-//! - `admission`: PROXY header, TLS, head, route, upgrade checks, Origin, token, session slot, upstream, 101;
+//! - `admission`: PROXY header, handshake budget, TLS, head, route, upgrade checks, Origin, token, session slot,
+//!   upstream, 101;
+//! - `budget`: the handshake budget per client address (a fixed table) and the message rate per session;
 //! - `refusal`: every way admission fails, answered, logged and counted in one place;
 //! - [`proxy_protocol`]: PROXY v1/v2 from trusted load balancers;
 //! - [`tls`]: PEM loading, server and client TLS, certificate reload;
@@ -36,6 +38,7 @@
 mod admin;
 mod admission;
 pub mod auth;
+mod budget;
 pub mod config;
 pub mod dev;
 pub mod frame;
@@ -227,6 +230,7 @@ pub async fn run(
             Arc::clone(&metrics),
         )),
         pools,
+        handshake_budget: config.handshake_budget.map(budget::HandshakeBudget::new),
     });
     {
         let limits = Arc::clone(&gw.limits);

@@ -104,7 +104,7 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// Times the shared state store was lost.
     pub store_reconnects: Counter,
-    /// Sessions refused or closed by a limit, by kind (`subject_rate`, `subject_sessions`, ...): the Go name.
+    /// Sessions refused or closed by a limit, by kind (`subject_rate`, `subject_sessions`, `handshake_ip`, `message_rate`): the Go name.
     pub rate_limit_violations: Family<Labels1, Counter>,
     /// Session leases this replica holds under MAX_SESSIONS_PER_SUBJECT.
     pub session_leases: Gauge,
@@ -295,7 +295,7 @@ impl Metrics {
         );
         registry.register(
             "ws_rate_limit_violations",
-            "Sessions refused or closed by a limit, by kind",
+            "Connections, handshakes or sessions stopped by a rate or session limit, by kind",
             m.rate_limit_violations.clone(),
         );
         registry.register(
@@ -354,6 +354,7 @@ fn status_label(status: u16) -> &'static str {
         405 => "405",
         408 => "408",
         426 => "426",
+        429 => "429",
         431 => "431",
         502 => "502",
         503 => "503",

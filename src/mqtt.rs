@@ -327,6 +327,7 @@ pub(crate) async fn session<'a>(
         client_rest: raw,
         upstream_rest: connected.rest,
         peer,
+        client_ip: crate::upstream::real_client_ip(head, peer.ip(), &gw.config.forwarded_trusted),
         route,
         identity,
         source: Source::MqttPassword,

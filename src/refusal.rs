@@ -46,6 +46,13 @@ pub(crate) enum Refusal {
     /// The subject is over `RATE_LIMIT_PER_SECOND` or `MAX_SESSIONS_PER_SUBJECT`.
     #[error("{0}")]
     Limit(#[from] LimitError),
+    /// The client's address (from `X-Forwarded-For` of a trusted proxy) spent its handshake budget
+    /// (`HANDSHAKE_RATE_PER_IP`); `retry_after` in whole seconds.
+    #[error("handshake budget of this address spent")]
+    HandshakeBudget {
+        /// Seconds until the address may try again.
+        retry_after: u64,
+    },
 }
 
 /// Where the answer goes: an HTTP response, or frames after the gateway's own 101 to an MQTT client (with the
@@ -71,6 +78,7 @@ impl Refusal {
             Refusal::Busy => "busy",
             Refusal::Mqtt(_) => "mqtt_malformed",
             Refusal::Limit(e) => e.kind(),
+            Refusal::HandshakeBudget { .. } => "handshake_budget",
         }
     }
 
@@ -129,6 +137,11 @@ impl Refusal {
             Refusal::Limit(LimitError::Sessions) => {
                 Response::new(429, "too many sessions for this subject")
             }
+            Refusal::HandshakeBudget { retry_after } => Response::new(
+                429,
+                "too many handshakes from this address; try again later",
+            )
+            .header("Retry-After", retry_after.to_string()),
         }
     }
 
@@ -144,7 +157,9 @@ impl Refusal {
             Refusal::Auth(_) | Refusal::Origin | Refusal::Upgrade(_) => {
                 (not_authorized, frame::CLOSE_POLICY, "not authorized")
             }
-            Refusal::Busy | Refusal::Upstream(UpstreamError::CircuitOpen { .. }) => {
+            Refusal::Busy
+            | Refusal::HandshakeBudget { .. }
+            | Refusal::Upstream(UpstreamError::CircuitOpen { .. }) => {
                 (unavailable, frame::CLOSE_TRY_AGAIN, "try again later")
             }
             Refusal::Upstream(_) => (
@@ -201,17 +216,35 @@ pub(crate) async fn refuse<T>(
     channel: Channel,
     refusal: Refusal,
 ) -> Option<T> {
-    if let Refusal::Auth(a) = &refusal {
-        gw.metrics.auth_failure(a.kind());
+    // A flood's refusals are logged at most once a second, with the number of lines held back.
+    let mut suppressed = None;
+    match &refusal {
+        Refusal::Auth(a) => gw.metrics.auth_failure(a.kind()),
+        Refusal::HandshakeBudget { .. } => {
+            gw.metrics
+                .rate_limit_violations
+                .get_or_create(&[("kind", "handshake_ip")])
+                .inc();
+            suppressed = gw.handshake_budget.as_ref().map(|b| b.log.allow());
+        }
+        _ => {}
     }
+    let log = suppressed.is_none_or(|s| s.is_some());
+    let suppressed = suppressed.flatten();
+    // The real client: the same address X-Real-IP names upstream.
+    let client_ip = head.map_or(peer.ip(), |h| {
+        crate::upstream::real_client_ip(h, peer.ip(), &gw.config.forwarded_trusted)
+    });
     let path = head.map_or("", |h| h.path());
     let route = route.map_or("", |r| r.prefix.as_str());
     match channel {
         Channel::Http => {
             let resp = refusal.http();
             gw.metrics.reject(resp.status);
-            tracing::info!(event = "rejected", peer = %peer, status = resp.status, reason = refusal.kind(),
-                path, route, detail = %refusal, "request refused");
+            if log {
+                tracing::info!(event = "rejected", peer = %peer, client_ip = %client_ip, status = resp.status,
+                    reason = refusal.kind(), path, route, detail = %refusal, suppressed, "request refused");
+            }
             let _ = resp.send(io).await;
         }
         Channel::Mqtt(level) => {
@@ -220,8 +253,11 @@ pub(crate) async fn refuse<T>(
                 .rejections
                 .get_or_create(&[("status", "mqtt_connack")])
                 .inc();
-            tracing::info!(event = "rejected", peer = %peer, status = 101, reason = refusal.kind(), path, route,
-                close_code = code, detail = %refusal, "MQTT CONNECT refused");
+            if log {
+                tracing::info!(event = "rejected", peer = %peer, client_ip = %client_ip, status = 101,
+                    reason = refusal.kind(), path, route, close_code = code, detail = %refusal, suppressed,
+                    "MQTT CONNECT refused");
+            }
             let mut out = connack
                 .map(|c| frame::encode(frame::OP_BINARY, &c, None))
                 .unwrap_or_default();

@@ -19,6 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::budget::MessageRate;
+use crate::config::RateLimit;
 use crate::frame::{self, FrameTracker};
 use crate::registry::{CloseRequest, SessionControl};
 use crate::shutdown::Signal;
@@ -57,6 +59,8 @@ pub(crate) struct Limits {
     pub write: Duration,
     /// Time allowed to deliver the Close frame when the session is ended by the gateway.
     pub close_grace: Duration,
+    /// Client frames allowed per second (`WS_MESSAGE_RATE_PER_SECOND`, `WS_MESSAGE_BURST`).
+    pub messages: Option<RateLimit>,
 }
 
 /// Why a session ended.
@@ -74,6 +78,8 @@ pub(crate) enum EndReason {
     Drain,
     /// Closed from outside: a revocation, or an eviction under MAX_SESSIONS_PER_SUBJECT ("session limit").
     Revoked(&'static str),
+    /// The client sent frames faster than `WS_MESSAGE_RATE_PER_SECOND` allows.
+    MessageRate,
     /// The client's socket failed.
     ClientError,
     /// The upstream's socket failed (a reset, say): the client gets Close 1014.
@@ -95,6 +101,7 @@ impl EndReason {
             EndReason::Drain => "drain",
             EndReason::Revoked("session limit") => "session_limit",
             EndReason::Revoked(_) => "revoked",
+            EndReason::MessageRate => "message_rate",
             EndReason::ClientError => "client_error",
             EndReason::UpstreamError => "upstream_error",
             EndReason::UpstreamEof => "upstream_eof",
@@ -120,6 +127,10 @@ impl EndReason {
             EndReason::Revoked(reason) => Some(CloseRequest {
                 code: frame::CLOSE_POLICY,
                 reason,
+            }),
+            EndReason::MessageRate => Some(CloseRequest {
+                code: frame::CLOSE_POLICY,
+                reason: "rate limit exceeded",
             }),
             EndReason::UpstreamError | EndReason::UpstreamEof => Some(CloseRequest {
                 code: frame::CLOSE_UNAVAILABLE,
@@ -157,23 +168,48 @@ struct Pump {
     eof: bool,
     done: bool,
     bytes: u64,
+    /// Set when a frame was refused by the message rate: the buffered bytes end just before it, and this tracker
+    /// follows the source's stream from there, for the lingering read after the Close.
+    cut: Option<Box<FrameTracker>>,
 }
 
 impl Pump {
-    fn with_initial(bytes: Vec<u8>) -> Pump {
+    fn with_initial(bytes: Vec<u8>, rate: Option<&mut MessageRate>) -> Pump {
         let mut p = Pump::default();
         if !bytes.is_empty() {
-            p.end = bytes.len();
-            p.note_read(&bytes);
+            p.end = p.note_read(&bytes, rate);
             p.buf = Some(bytes);
         }
         p
     }
 
-    fn note_read(&mut self, chunk: &[u8]) {
+    /// Follows the frames of a chunk just read and charges them to `rate`; returns how many of its bytes are
+    /// relayed: all, or those before the first frame over the rate.
+    ///
+    /// Every frame the client starts costs a token except Close: data, continuation, ping and pong alike, so a
+    /// flood of pings or of tiny fragments is held like a flood of messages (a client that sends each message as
+    /// one frame, as browsers and MQTT clients do, is charged one token per message). The bucket is refilled once
+    /// per read, not per frame.
+    fn note_read(&mut self, chunk: &[u8], rate: Option<&mut MessageRate>) -> usize {
         let was_at = self.frames.at_boundary();
-        self.boundary = self.frames.feed(chunk).or(was_at.then_some(0));
-        self.bytes += chunk.len() as u64;
+        let (last, refused) = match rate {
+            None => (self.frames.feed(chunk), None),
+            Some(rate) => {
+                rate.refill(Instant::now());
+                self.frames
+                    .feed_admitting(chunk, |op| op == frame::OP_CLOSE || rate.take())
+            }
+        };
+        self.boundary = last.or(was_at.then_some(0));
+        let kept = refused.unwrap_or(chunk.len());
+        if refused.is_some() {
+            // The refused frame starts a frame, so a fresh tracker follows the rest of the source's stream.
+            let mut rest = FrameTracker::new();
+            rest.feed(&chunk[kept..]);
+            self.cut = Some(Box::new(rest));
+        }
+        self.bytes += kept as u64;
+        kept
     }
 
     /// Writes and flushes what is buffered; returns the buffer to the pool when done.
@@ -222,6 +258,7 @@ impl Pump {
         cx: &mut Context<'_>,
         src: &mut R,
         limit: usize,
+        rate: Option<&mut MessageRate>,
     ) -> Poll<io::Result<usize>> {
         let mut buf = take_buffer();
         let mut rb = ReadBuf::new(&mut buf[..limit.min(BUF_SIZE)]);
@@ -232,9 +269,9 @@ impl Pump {
                     give_buffer(buf);
                     return Poll::Ready(Ok(0));
                 }
-                self.note_read(&buf[..n]);
+                let kept = self.note_read(&buf[..n], rate);
                 self.start = 0;
-                self.end = n;
+                self.end = kept;
                 self.buf = Some(buf);
                 Poll::Ready(Ok(n))
             }
@@ -256,7 +293,8 @@ impl Pump {
 
     /// Copies until end of stream, then shuts the destination's write side (half-close). With `close_first`, an end
     /// of stream that no Close frame preceded is [`Side::Ended`] instead: the session ends, and the gateway sends
-    /// the Close the source did not.
+    /// the Close the source did not. With `rate`, stops at
+    /// the first frame over it ([`Side::Limited`]), before relaying that frame.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -264,6 +302,7 @@ impl Pump {
         dst: &mut W,
         active: &mut Instant,
         close_first: bool,
+        mut rate: Option<&mut MessageRate>,
     ) -> Poll<Result<(), Side>>
     where
         R: AsyncRead + Unpin,
@@ -272,6 +311,10 @@ impl Pump {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
+            }
+            if self.cut.is_some() {
+                // What was read before the refused frame is relayed by the close, followed by the Close frame.
+                return Poll::Ready(Err(Side::Limited));
             }
             match self.poll_drain(cx, dst) {
                 Poll::Ready(Ok(())) => {}
@@ -287,7 +330,7 @@ impl Pump {
                     Poll::Pending => Poll::Pending,
                 };
             }
-            match self.poll_fill(cx, src, BUF_SIZE) {
+            match self.poll_fill(cx, src, BUF_SIZE, rate.as_deref_mut()) {
                 Poll::Ready(Ok(0)) if close_first && !self.frames.saw_close() => {
                     return Poll::Ready(Err(Side::Ended))
                 }
@@ -347,8 +390,9 @@ impl Pump {
                 *sent = true;
                 continue;
             }
+            // Up to the boundary only: no new frame starts here, so none is charged to the message rate.
             let limit = self.frames.until_boundary(BUF_SIZE);
-            match self.poll_fill(cx, src, limit) {
+            match self.poll_fill(cx, src, limit, None) {
                 Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -404,6 +448,8 @@ enum Side {
     Ended,
     /// Writing failed.
     Destination,
+    /// The source sent frames faster than its message rate.
+    Limited,
 }
 
 /// A session being relayed.
@@ -417,6 +463,8 @@ pub(crate) struct Session<C, U> {
     active: Instant,
     write_blocked_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
+    /// The client's message budget (`WS_MESSAGE_RATE_PER_SECOND`), charged by the client-to-upstream pump.
+    rate: Option<MessageRate>,
 }
 
 impl<C, U> Session<C, U>
@@ -435,16 +483,18 @@ where
         expires_at: Option<Instant>,
     ) -> Self {
         let now = Instant::now();
+        let mut rate = limits.messages.map(MessageRate::new);
         Session {
             client,
             upstream,
-            up: Pump::with_initial(client_rest),
-            down: Pump::with_initial(upstream_rest),
+            up: Pump::with_initial(client_rest, rate.as_mut()),
+            down: Pump::with_initial(upstream_rest, None),
             limits,
             expires_at,
             active: now,
             write_blocked_since: None,
             timer: Box::pin(tokio::time::sleep_until(now + limits.idle)),
+            rate,
         }
     }
 
@@ -523,7 +573,8 @@ where
             return;
         }
         if !up.eof && up.frames.at_boundary() {
-            let mut tracker = FrameTracker::new();
+            // After a frame refused by the message rate, the tracker that followed the client past it.
+            let mut tracker = up.cut.take().map_or_else(FrameTracker::new, |t| *t);
             poll_fn(|cx| {
                 poll_discard(cx, &mut *client, &mut tracker, |t| {
                     t.saw_close() && t.at_boundary()
@@ -543,19 +594,21 @@ where
             up,
             down,
             active,
+            rate,
             ..
         } = self;
-        match up.poll_copy(cx, client, upstream, active, false) {
+        match up.poll_copy(cx, client, upstream, active, false, rate.as_mut()) {
             Poll::Ready(Err(Side::Source | Side::Ended)) => {
                 return Poll::Ready(EndReason::ClientError)
             }
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::UpstreamError),
+            Poll::Ready(Err(Side::Limited)) => return Poll::Ready(EndReason::MessageRate),
             _ => {}
         }
         // An upstream that ends without a Close while the client is not closing (no Close, no end of stream from
         // it) has died: the client must hear so in a Close frame, not read a bare end of stream.
         let client_closing = up.eof || up.frames.saw_close();
-        match down.poll_copy(cx, upstream, client, active, !client_closing) {
+        match down.poll_copy(cx, upstream, client, active, !client_closing, None) {
             Poll::Ready(Err(Side::Source)) => return Poll::Ready(EndReason::UpstreamError),
             Poll::Ready(Err(Side::Ended)) => return Poll::Ready(EndReason::UpstreamEof),
             Poll::Ready(Err(Side::Destination)) => return Poll::Ready(EndReason::ClientError),
@@ -632,6 +685,7 @@ mod tests {
             idle: Duration::from_secs(60),
             write: Duration::from_secs(10),
             close_grace: Duration::from_secs(2),
+            messages: None,
         }
     }
 
@@ -687,6 +741,113 @@ mod tests {
             (out.client_to_upstream, out.upstream_to_client),
             (100_005, 9)
         );
+    }
+
+    fn limited(per_second: f64, burst: u32) -> Limits {
+        Limits {
+            messages: Some(RateLimit { per_second, burst }),
+            ..limits()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_over_the_message_rate_are_not_relayed_and_both_sides_get_close_1008() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (mut gw_up, mut upstream) = duplex(1 << 16);
+        // Ten frames in one write, pings among them: three fit the burst, the fourth (a ping) is refused.
+        let mut burst = Vec::new();
+        for i in 0..10u8 {
+            let op = if i % 2 == 1 {
+                frame::OP_PING
+            } else {
+                OP_BINARY
+            };
+            burst.extend_from_slice(&encode(op, &[i; 5], Some([1, 2, 3, i])));
+        }
+        client.write_all(&burst).await.expect("write");
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limited(0.001, 3),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        let mut buf = [0u8; 256];
+        let n = client.read(&mut buf).await.expect("close");
+        let (f, _) = decode(&buf[..n], 125).expect("valid").expect("frame");
+        assert_eq!(f.opcode, frame::OP_CLOSE);
+        assert_eq!(f.payload[..2], 1008u16.to_be_bytes());
+        assert_eq!(&f.payload[2..], b"rate limit exceeded");
+        client
+            .write_all(&frame::close_frame(1008, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("answer");
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::MessageRate);
+        assert!(out.close_sent);
+        let mut up = Vec::new();
+        upstream.read_to_end(&mut up).await.expect("upstream");
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < up.len() {
+            let (f, used) = decode(&up[at..], 4096).expect("valid").expect("whole");
+            at += used;
+            frames.push(f);
+        }
+        let ops: Vec<u8> = frames.iter().map(|f| f.opcode).collect();
+        assert_eq!(
+            ops,
+            vec![OP_BINARY, frame::OP_PING, OP_BINARY, frame::OP_CLOSE]
+        );
+        assert_eq!(frames[3].payload[..2], 1008u16.to_be_bytes());
+        assert_eq!(out.client_to_upstream, 3 * 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_under_the_message_rate_keeps_going() {
+        let (mut client, mut gw_client) = duplex(1 << 16);
+        let (mut gw_up, mut upstream) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let control = control();
+            let drain = Drain::new();
+            Session::new(
+                &mut gw_client,
+                &mut gw_up,
+                Vec::new(),
+                Vec::new(),
+                limited(10.0, 3),
+                None,
+            )
+            .run(drain.signal(), &control)
+            .await
+        });
+        // Five frames a second against ten allowed, for four seconds; the Close at the end costs nothing.
+        for i in 0..20u8 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client
+                .write_all(&encode(OP_BINARY, &[i; 8], Some([4, 3, 2, 1])))
+                .await
+                .expect("write");
+        }
+        client
+            .write_all(&frame::close_frame(1000, "", Some([1, 2, 3, 4])))
+            .await
+            .expect("close");
+        client.shutdown().await.expect("half-close");
+        let mut up = Vec::new();
+        upstream.read_to_end(&mut up).await.expect("upstream");
+        drop(upstream);
+        let out = task.await.expect("join");
+        assert_eq!(out.reason, EndReason::Closed);
+        assert_eq!(out.client_to_upstream, up.len() as u64);
+        assert_eq!(up.len(), 20 * 14 + 8);
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::SeenLogoutTokens;
 use crate::auth::jwt::Verifier;
 use crate::auth::{AuthError, Identity};
+use crate::budget::HandshakeBudget;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pending::{Pending, Ticket};
@@ -52,6 +53,8 @@ pub(crate) struct Gateway {
     pub logout_jtis: SeenLogoutTokens,
     /// One endpoint pool per route, in the order of `config.routes`.
     pub pools: Vec<Arc<Pool>>,
+    /// Handshakes per client address (`HANDSHAKE_RATE_PER_IP`), `None` when off.
+    pub handshake_budget: Option<HandshakeBudget>,
 }
 
 impl std::fmt::Debug for Gateway {

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::admission::Established;
 use crate::auth::jwt::unix_now;
 use crate::registry::SessionInfo;
-use crate::relay::{Limits, Session};
+use crate::relay::{EndReason, Limits, Session};
 use crate::server::Gateway;
 use crate::shutdown::ConnectionGuard;
 
@@ -29,6 +29,7 @@ pub(crate) fn relay<'a>(
         client_rest,
         upstream_rest,
         peer,
+        client_ip,
         route,
         identity,
         source,
@@ -57,6 +58,7 @@ pub(crate) fn relay<'a>(
         idle: gw.config.timeouts.idle,
         write: gw.config.timeouts.write,
         close_grace: gw.config.timeouts.write.min(Duration::from_secs(5)),
+        messages: gw.config.message_rate,
     };
     let mut session = Session::new(
         client,
@@ -88,10 +90,17 @@ pub(crate) fn relay<'a>(
             .session_closes
             .get_or_create(&[("reason", outcome.reason.label())])
             .inc();
+        if outcome.reason == EndReason::MessageRate {
+            gw.metrics
+                .rate_limit_violations
+                .get_or_create(&[("kind", "message_rate")])
+                .inc();
+        }
         let info = &registration.control.info;
         tracing::info!(
             event = "session_end",
             peer = %info.peer,
+            client_ip = %client_ip,
             route = %route.prefix,
             subject = info.subject.as_deref().unwrap_or(""),
             token_source = source.name(),

@@ -164,13 +164,7 @@ pub fn build_request(
     } else {
         Vec::new()
     };
-    // The client is the rightmost address no trusted proxy vouches for: entries left of it could be forged.
-    let real_ip = prior
-        .iter()
-        .rev()
-        .filter_map(|a| a.parse::<IpAddr>().ok())
-        .find(|a| !fwd.trusted_proxies.iter().any(|c| c.contains(*a)))
-        .unwrap_or(peer);
+    let real_ip = real_client_ip(head, peer, fwd.trusted_proxies);
     let xff = prior
         .iter()
         .copied()
@@ -209,6 +203,23 @@ pub fn build_request(
         key,
         offered,
     }
+}
+
+/// The real client's address: `peer` itself, unless `peer` is one of the `trusted` proxies (`TRUSTED_PROXIES`);
+/// then the rightmost `X-Forwarded-For` address that no trusted proxy vouches for (entries left of it could be
+/// forged), or `peer` when there is none. What goes upstream as `X-Real-IP`, what the logs name as `client_ip`, and
+/// what the handshake budget counts behind a proxy.
+#[must_use]
+pub fn real_client_ip(head: &RequestHead, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+    if !trusted.iter().any(|c| c.contains(peer)) {
+        return peer;
+    }
+    head.values("X-Forwarded-For")
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .filter(|a| !trusted.iter().any(|c| c.contains(*a)))
+        .last()
+        .unwrap_or(peer)
 }
 
 /// A header name as the upstream may read it: lower case, `_` as `-`.

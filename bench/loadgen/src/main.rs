@@ -3,7 +3,7 @@
 //!
 //! Subcommands:
 //! - `echo`: a WebSocket echo upstream ([`ws_gateway::dev::echo_server`]);
-//! - `handshakes`: closed loops of full TLS + authenticated upgrade + one echo + close;
+//! - `handshakes`: closed loops (or paced ones, `--interval-ms`) of full TLS + authenticated upgrade + one echo + close;
 //! - `latency`: N sessions fed at a fixed aggregate rate on an open-loop schedule (latency is measured from the
 //!   scheduled send time, so a stalled proxy cannot hide its stall by slowing the client down);
 //! - `bulk`: one session pushing N bytes in 64 KiB frames while reading the echo;
@@ -22,8 +22,9 @@
 //!
 //! Limits: open files are capped at 20,000 per process on the benchmark machines, and a proxied session costs the
 //! proxy two sockets, so session counts above [`MAX_SESSIONS`] are refused. Client sockets are bound in turn to
-//! 127.0.1.1..127.0.1.K so a large run does not exhaust the ephemeral ports of one source address. Every wait has a
-//! timeout and every loop ends by itself.
+//! 127.0.1.1..127.0.1.K so a large run does not exhaust the ephemeral ports of one source address (or all to the one
+//! `--source`, to be one client address as a per-address budget sees it). Every wait has a timeout and every loop
+//! ends by itself.
 
 #![forbid(unsafe_code)]
 // The `churn` RESULT is one `json!` object with about 50 fields, past the default macro recursion limit of 128.
@@ -90,6 +91,10 @@ enum Mode {
         /// Seconds to run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
+        /// Least time between the starts of two cycles of one loop, in milliseconds (0: back to back): a paced,
+        /// well-behaved client rather than a closed loop.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// Small frames at a fixed aggregate rate over N sessions; latency from scheduled send to echo receipt.
     Latency {
@@ -167,6 +172,10 @@ struct Target {
     /// Bind client sockets to 127.0.1.1..=127.0.1.K in turn; 0 lets the kernel choose.
     #[arg(long, default_value_t = 8)]
     sources: u8,
+    /// Bind every client socket to this one loopback address instead (`--sources` is then ignored): the client is
+    /// one address, as a gateway's per-address budget sees it (`scripts/flood.sh`).
+    #[arg(long)]
+    source: Option<Ipv4Addr>,
     /// Proxy process ids (comma-separated) whose CPU time is reported (and whose RSS `idle` reads).
     #[arg(long, value_delimiter = ',')]
     pid: Vec<u32>,
@@ -191,7 +200,8 @@ fn main() {
                 target,
                 concurrency,
                 duration,
-            } => handshakes(target, concurrency, duration).await,
+                interval_ms,
+            } => handshakes(target, concurrency, duration, interval_ms).await,
             Mode::Latency {
                 target,
                 sessions,
@@ -280,6 +290,7 @@ struct Dialer {
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     token: Option<String>,
     sources: u8,
+    source: Option<Ipv4Addr>,
     next: AtomicUsize,
     step: Duration,
 }
@@ -312,6 +323,9 @@ impl Dialer {
         } else {
             None
         };
+        if let Some(src) = t.source.filter(|s| !s.is_loopback()) {
+            return Err(format!("--source {src}: loopback addresses only"));
+        }
         if !(0.1..=120.0).contains(&t.step_timeout) {
             return Err("--step-timeout must be between 0.1 and 120 seconds".into());
         }
@@ -321,6 +335,7 @@ impl Dialer {
             tls,
             token: t.token.clone(),
             sources: t.sources,
+            source: t.source,
             next: AtomicUsize::new(0),
             step: Duration::from_secs_f64(t.step_timeout),
         })
@@ -329,7 +344,11 @@ impl Dialer {
     /// TCP (from the next source address) and TLS.
     async fn connect(&self) -> Result<Io, Failure> {
         let socket = TcpSocket::new_v4().map_err(|e| failure("socket", e))?;
-        if self.sources > 0 {
+        if let Some(src) = self.source {
+            socket
+                .bind(SocketAddr::new(src.into(), 0))
+                .map_err(|e| failure("bind", format!("{src}: {e}")))?;
+        } else if self.sources > 0 {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % usize::from(self.sources);
             // Invariant: i < sources <= 255, so i + 1 fits in u8.
             let src = Ipv4Addr::new(127, 0, 1, (i + 1) as u8);
@@ -697,9 +716,14 @@ async fn handshakes(
     target: Target,
     concurrency: usize,
     duration: f64,
+    interval_ms: u64,
 ) -> Result<Option<Value>, String> {
     check_sessions(concurrency, "--concurrency")?;
     let run_for = secs(duration, "--duration")?;
+    if interval_ms > 60_000 {
+        return Err("--interval-ms must be at most 60000".into());
+    }
+    let interval = Duration::from_millis(interval_ms);
     let dialer = Arc::new(Dialer::new(&target)?);
     let cpu = CpuMeter::start(&target.pid);
     let start = Instant::now();
@@ -714,6 +738,7 @@ async fn handshakes(
             let mut close_timeouts = 0u64;
             while Instant::now() < deadline {
                 let t0 = Instant::now();
+                let next = tokio::time::Instant::from_std(t0 + interval);
                 let attempt = async {
                     let mut s = dialer.open().await?;
                     let t_hs = t0.elapsed();
@@ -737,6 +762,7 @@ async fn handshakes(
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
+                tokio::time::sleep_until(next).await;
             }
             (hs, cycles, errors, close_timeouts)
         }));
@@ -769,6 +795,8 @@ async fn handshakes(
         "mode": "handshakes",
         "url": dialer.url.to_string(),
         "concurrency": concurrency,
+        "interval_ms": interval_ms,
+        "source": target.source.map(|s| s.to_string()),
         "resume": target.resume,
         "elapsed_s": round3(elapsed),
         "ok": hs.len(),

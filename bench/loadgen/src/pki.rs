@@ -158,7 +158,11 @@ pub(crate) fn pki(a: &PkiArgs) -> Result<Value, String> {
         }
         .map_err(|e| format!("the server certificate: {e}"))?;
         put(&format!("{leaf}.pem"), server_cert.pem().as_bytes(), false)?;
-        put(&format!("{leaf}.key"), server_key.serialize_pem().as_bytes(), true)?;
+        put(
+            &format!("{leaf}.key"),
+            server_key.serialize_pem().as_bytes(),
+            true,
+        )?;
     }
 
     // The JWT signing key, its public key, its JWKS and the token.
@@ -346,6 +350,7 @@ mod tests {
             max_bytes: 8192,
             forward_claims: Vec::new(),
             required_typ: None,
+            limit_claim: None,
         };
         let jwks = std::fs::read(dir.join("jwks/jwks.json")).expect("jwks");
         let keys = KeySet::from_json(&jwks).expect("a usable JWKS");

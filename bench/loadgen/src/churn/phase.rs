@@ -531,7 +531,7 @@ pub(super) async fn run(phase: &Arc<Phase>, slots: usize, label: &str) -> Ran {
                 s.held_peak = s.held_peak.max(held);
                 s.held_sum += held as f64;
                 s.held_n += 1;
-                if tick % 4 != 0 {
+                if !tick.is_multiple_of(4) {
                     continue;
                 }
                 let Ok(r) = phase.gw.resources() else {
@@ -539,7 +539,7 @@ pub(super) async fn run(phase: &Arc<Phase>, slots: usize, label: &str) -> Ran {
                 };
                 s.fds_peak = s.fds_peak.max(r.fds);
                 s.rss_peak_kib = s.rss_peak_kib.max(r.rss_kib);
-                if tick % 40 == 0 {
+                if tick.is_multiple_of(40) {
                     eprintln!(
                         "ws-loadgen: {label} {:.0} s: {} finished ({} failed), {held} held; gateway {} fds, {} KiB RSS",
                         started.elapsed().as_secs_f64(),
