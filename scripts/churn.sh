@@ -129,7 +129,9 @@ rc=0
 grep '^RESULT ' "$OUT/result.txt" || log "no RESULT line"
 if [[ $rc == 0 ]]; then
   log "passed: open files back at the baseline, RSS within $RSS_TOLERANCE%"
+  echo "churn: 1 passed, 0 failed"
 else
   log "FAILED (exit $rc); logs in $OUT"
+  echo "churn: 0 passed, 1 failed"
 fi
 exit "$rc"

@@ -70,6 +70,8 @@ stage traefik bash scripts/traefik.sh
 stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}" bash scripts/fuzz.sh
 [ -f scripts/e2e.sh ] && stage e2e bash scripts/e2e.sh
 [ -f scripts/bench.sh ] && stage bench-smoke env QUICK=1 bash scripts/bench.sh
+# 2,000 sessions through churn: open files and RSS must come back (the full run is `bash scripts/churn.sh`).
+[ -f scripts/churn.sh ] && stage churn-smoke env QUICK=1 bash scripts/churn.sh
 
 if [ ${#stages_failed[@]} -gt 0 ]; then
   echo "failed stages: ${stages_failed[*]}"
