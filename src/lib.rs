@@ -337,6 +337,17 @@ fn report_reload(
                 tracing::warn!(event = "cert_reload_warning", trigger, problem,
                     "the reloaded certificate is served, but clients will refuse it: check its validity period");
             }
+            let uncovered = cert.uncovered_names();
+            if !uncovered.is_empty() {
+                metrics
+                    .cert_warnings
+                    .get_or_create(&[("kind", "names_not_covered")])
+                    .inc();
+                let names: Vec<&str> = uncovered.iter().take(10).map(String::as_str).collect();
+                tracing::warn!(event = "cert_reload_warning", trigger, problem = "names_not_covered",
+                    names = %names.join(","), missing = uncovered.len(),
+                    "the reloaded certificate does not cover names the gateway served at start: clients using them will refuse it");
+            }
             metrics
                 .cert_reloads
                 .get_or_create(&[("result", "ok")])

@@ -106,25 +106,112 @@ pub fn certified_key(
 /// expired or not yet valid; the bytes come from a file, so every length is checked.
 #[must_use]
 pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
-    /// One DER element: (tag, contents, rest).
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, b) = b.split_first()?;
-        let (&first, mut b) = b.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || b.len() < n {
-                return None;
-            }
-            let len = b[..n]
-                .iter()
-                .fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
-            b = &b[n..];
-            len
+    let (_, validity) = tbs_after_issuer(der)?;
+    let (0x30, validity, _) = tlv(validity)? else {
+        return None;
+    };
+    let (t1, before, rest) = tlv(validity)?;
+    let (t2, after, _) = tlv(rest)?;
+    Some((asn1_time(t1, before)?, asn1_time(t2, after)?))
+}
+
+/// Most names read from one certificate's subjectAltName.
+const MAX_SAN_NAMES: usize = 1_000;
+
+/// The DNS names (lowercased) and IP addresses of a DER certificate's subjectAltName extension; `None` when the
+/// DER is not a certificate this reader understands, an empty list when it has no such extension. Used to warn
+/// about a reloaded certificate that no longer covers a name served before.
+#[must_use]
+pub fn subject_alt_names(der: &[u8]) -> Option<Vec<String>> {
+    let (_, rest) = tbs_after_issuer(der)?;
+    let rest = tlv(rest)?.2; // validity
+    let rest = tlv(rest)?.2; // subject
+    let mut rest = tlv(rest)?.2; // subjectPublicKeyInfo
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        let (tag, body, next) = tlv(rest)?;
+        rest = next;
+        if tag != 0xa3 {
+            continue; // issuerUniqueID, subjectUniqueID
+        }
+        let (0x30, mut exts, _) = tlv(body)? else {
+            return None;
         };
-        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+        while !exts.is_empty() {
+            let (0x30, ext, next) = tlv(exts)? else {
+                return None;
+            };
+            exts = next;
+            let (0x06, oid, mut ext) = tlv(ext)? else {
+                return None;
+            };
+            if oid != [0x55, 0x1d, 0x11] {
+                continue;
+            }
+            if let (0x01, _, after) = tlv(ext)? {
+                ext = after; // critical
+            }
+            let (0x04, value, _) = tlv(ext)? else {
+                return None;
+            };
+            let (0x30, mut general, _) = tlv(value)? else {
+                return None;
+            };
+            while !general.is_empty() && names.len() < MAX_SAN_NAMES {
+                let (tag, name, next) = tlv(general)?;
+                general = next;
+                match (tag, name.len()) {
+                    (0x82, _) => names.push(String::from_utf8_lossy(name).to_ascii_lowercase()),
+                    (0x87, 4) => names.push(
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(name).ok()?).to_string(),
+                    ),
+                    (0x87, 16) => names.push(
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(name).ok()?).to_string(),
+                    ),
+                    _ => {}
+                }
+            }
+        }
     }
+    Some(names)
+}
+
+/// Whether a certificate for `names` is valid for `name`: the same name, or a wildcard `*.domain` for a name
+/// exactly one label below `domain` (or the same wildcard).
+#[must_use]
+pub fn covers(names: &[String], name: &str) -> bool {
+    names.iter().any(|n| {
+        n == name
+            || n.strip_prefix("*.").is_some_and(|domain| {
+                name.split_once('.').is_some_and(|(label, rest)| {
+                    !label.is_empty() && label != "*" && rest == domain
+                })
+            })
+    })
+}
+
+/// One DER element: (tag, contents, rest). Every length is checked: the bytes come from a file.
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |acc, x| (acc << 8) | usize::from(*x));
+        b = &b[n..];
+        len
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// The TBSCertificate's fields from `validity` on: (the TBSCertificate, what follows the issuer).
+fn tbs_after_issuer(der: &[u8]) -> Option<(&[u8], &[u8])> {
     let (0x30, cert, _) = tlv(der)? else {
         return None;
     };
@@ -137,12 +224,15 @@ pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
     }
     let rest = tlv(rest)?.2; // signature algorithm
     let rest = tlv(rest)?.2; // issuer
-    let (0x30, validity, _) = tlv(rest)? else {
-        return None;
-    };
-    let (t1, before, rest) = tlv(validity)?;
-    let (t2, after, _) = tlv(rest)?;
-    Some((asn1_time(t1, before)?, asn1_time(t2, after)?))
+    Some((tbs, rest))
+}
+
+/// The subjectAltName entries of a certified key's leaf (none when unreadable).
+fn leaf_names(ck: &CertifiedKey) -> Vec<String> {
+    ck.cert
+        .first()
+        .and_then(|c| subject_alt_names(c.as_ref()))
+        .unwrap_or_default()
 }
 
 /// UTCTime (`YYMMDDHHMMSSZ`, tag 0x17) or GeneralizedTime (`YYYYMMDDHHMMSSZ`, tag 0x18) as Unix seconds.
@@ -228,6 +318,8 @@ pub type FileStamp = (Option<SystemTime>, u64, Option<PathBuf>);
 pub struct ReloadableCert {
     current: ArcSwap<CertifiedKey>,
     files: Option<(PathBuf, PathBuf)>,
+    /// The names of the certificate loaded at start: a reload that drops one is warned about.
+    names: Vec<String>,
 }
 
 impl ReloadableCert {
@@ -235,6 +327,7 @@ impl ReloadableCert {
     #[must_use]
     pub fn fixed(ck: CertifiedKey) -> Arc<ReloadableCert> {
         Arc::new(ReloadableCert {
+            names: leaf_names(&ck),
             current: ArcSwap::from_pointee(ck),
             files: None,
         })
@@ -247,6 +340,7 @@ impl ReloadableCert {
     pub fn from_files(cert: &Path, key: &Path) -> Result<Arc<ReloadableCert>, TlsError> {
         let ck = load_certified_key(cert, key)?;
         Ok(Arc::new(ReloadableCert {
+            names: leaf_names(&ck),
             current: ArcSwap::from_pointee(ck),
             files: Some((cert.into(), key.into())),
         }))
@@ -257,6 +351,17 @@ impl ReloadableCert {
     pub fn leaf_validity(&self) -> Option<(i64, i64)> {
         let ck = self.current.load();
         validity(ck.cert.first()?.as_ref())
+    }
+
+    /// The names the certificate served at start covered and the one served now does not.
+    #[must_use]
+    pub fn uncovered_names(&self) -> Vec<String> {
+        let now = leaf_names(&self.current.load());
+        self.names
+            .iter()
+            .filter(|n| !covers(&now, n))
+            .cloned()
+            .collect()
     }
 
     /// Reads the files again; on error the current certificate stays.
@@ -376,6 +481,37 @@ mod tests {
         assert_eq!(validity(b""), None);
         assert_eq!(validity(&cert.der()[..40]), None);
         assert_eq!(validity(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn subject_alt_names_and_what_covers_them() {
+        let mut params = rcgen::CertificateParams::new(vec![
+            "GW.example".into(),
+            "*.ws.example".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ])
+        .expect("params");
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let names = subject_alt_names(cert.der()).expect("readable");
+        assert_eq!(names, ["gw.example", "*.ws.example", "127.0.0.1", "::1"]);
+        assert!(covers(&names, "gw.example"));
+        assert!(covers(&names, "a.ws.example"));
+        assert!(covers(&names, "*.ws.example"));
+        assert!(
+            !covers(&names, "a.b.ws.example"),
+            "a wildcard covers one label"
+        );
+        assert!(!covers(&names, "ws.example"));
+        assert!(!covers(&names, "other.example"));
+        assert_eq!(subject_alt_names(b""), None);
+        assert_eq!(subject_alt_names(&cert.der()[..60]), None);
+        let bare = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .expect("no SAN");
+        assert_eq!(subject_alt_names(bare.der()), Some(Vec::new()));
     }
 
     #[test]

@@ -351,6 +351,34 @@ async fn certificate_reload_on_symlink_swap_and_sighup() {
         peer_cert(&env.pki, gw.addr).await,
         der(&third.join("tls.crt"))
     );
+    assert!(
+        !gw.logs().iter().any(|l| l.contains("names_not_covered")),
+        "the same names: no warning"
+    );
+
+    // A certificate that no longer covers `localhost`: served (the operator asked for it), but warned about.
+    let fourth = vol.path("..13");
+    std::fs::create_dir_all(&fourth).expect("mkdir");
+    env.pki.issue_for(
+        &fourth.join("tls.crt"),
+        &fourth.join("tls.key"),
+        13,
+        &["127.0.0.1", "gw.example"],
+    );
+    swap(&fourth);
+    gw.signal("HUP");
+    let line = gw
+        .wait_log(&["cert_reload_warning", "names_not_covered"])
+        .await;
+    assert!(line.contains("\"names\":\"localhost\""), "{line}");
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ws_cert_reload_warnings_total{kind=\"names_not_covered\"}"
+        ),
+        1.0
+    );
 }
 
 /// Connects over TCP, sends `header` first, then TLS and an upgrade; returns the response head.

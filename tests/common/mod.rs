@@ -145,10 +145,16 @@ impl Pki {
 
     /// Writes a leaf for localhost/127.0.0.1 with `serial`, signed by the CA.
     pub fn issue(&self, cert: &Path, key: &Path, serial: u64) {
+        self.issue_for(cert, key, serial, &["localhost", "127.0.0.1"]);
+    }
+
+    /// Writes a leaf for `names` with `serial`, signed by the CA.
+    pub fn issue_for(&self, cert: &Path, key: &Path, serial: u64, names: &[&str]) {
         let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-        let mut params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .expect("params");
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("params");
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let leaf = params.signed_by(&leaf_key, &issuer).expect("sign");
