@@ -94,6 +94,8 @@ async fn main() -> anyhow::Result<()> {
         forward_claims: vec![],
         required_typ: None,
         limit_claim: None,
+        identity_claims: Vec::new(),
+        collect_roles: false,
     };
     let verifier = Verifier::new(policy, cache);
 

@@ -183,6 +183,15 @@ pub(crate) async fn establish(
     if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
         return None;
     }
+    // An MQTT route with a CONNECT rewrite: the first packet is read and rewritten before anything is forwarded.
+    let settings = crate::mqtt::settings_for(gw, route);
+    let rest = if crate::mqtt::carries_mqtt(&head, protocol.as_deref())
+        && settings.active(!gw.config.auth.forward_claims.is_empty())
+    {
+        crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, &settings, deadline).await?
+    } else {
+        rest
+    };
     gw.metrics
         .handshake_duration
         .observe(started.elapsed().as_secs_f64());

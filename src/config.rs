@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::auth::origin::OriginPolicy;
 use crate::auth::Algorithm;
+use crate::mqtt_identity::MqttSettings;
 use crate::net::WsUrl;
 use crate::proxy_protocol::Cidr;
 use crate::route::RouteTable;
@@ -332,6 +333,24 @@ pub struct Settings {
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub mqtt_connect_auth: Option<bool>,
 
+    /// On MQTT routes, the CONNECT username becomes this claim's value from the verified token (per route:
+    /// `mqttUsernameClaim`) [default: the client's username].
+    #[arg(long, env = "MQTT_USERNAME_CLAIM", value_name = "CLAIM")]
+    pub mqtt_username_claim: Option<String>,
+
+    /// `plain` writes the username as it is; `go` writes the Go gateway's `<user>|<role1,role2>` [default: plain].
+    #[arg(long, env = "MQTT_USERNAME_FORMAT", value_name = "FORMAT")]
+    pub mqtt_username_format: Option<String>,
+
+    /// `keep` forwards the CONNECT password; `drop` removes it (and its flag) [default: keep].
+    #[arg(long, env = "MQTT_PASSWORD_FORWARD", value_name = "keep|drop")]
+    pub mqtt_password_forward: Option<String>,
+
+    /// `any`, `prefix-subject` (`sub`, or `sub` then `-`, `_`, `:` or `.`) or `equal-subject`: which client ids
+    /// a token may use [default: any].
+    #[arg(long, env = "MQTT_CLIENT_ID_POLICY", value_name = "POLICY")]
+    pub mqtt_client_id_policy: Option<String>,
+
     /// Expect a PROXY protocol v1 or v2 header from trusted peers.
     #[arg(long, env = "PROXY_PROTOCOL", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
@@ -559,6 +578,10 @@ impl Settings {
             ws_allowed_origins,
             ws_require_origin,
             mqtt_connect_auth,
+            mqtt_username_claim,
+            mqtt_username_format,
+            mqtt_password_forward,
+            mqtt_client_id_policy,
             proxy_protocol,
             proxy_protocol_trusted_cidrs,
             redis_url,
@@ -638,6 +661,10 @@ impl Settings {
             ws_allowed_origins: self.ws_allowed_origins.or(ws_allowed_origins),
             ws_require_origin: self.ws_require_origin.or(ws_require_origin),
             mqtt_connect_auth: self.mqtt_connect_auth.or(mqtt_connect_auth),
+            mqtt_username_claim: self.mqtt_username_claim.or(mqtt_username_claim),
+            mqtt_username_format: self.mqtt_username_format.or(mqtt_username_format),
+            mqtt_password_forward: self.mqtt_password_forward.or(mqtt_password_forward),
+            mqtt_client_id_policy: self.mqtt_client_id_policy.or(mqtt_client_id_policy),
             proxy_protocol: self.proxy_protocol.or(proxy_protocol),
             proxy_protocol_trusted_cidrs: self
                 .proxy_protocol_trusted_cidrs
@@ -696,6 +723,7 @@ impl Settings {
     /// The first invalid setting, by name.
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let limits = self.limit_settings()?;
+        let mqtt = self.mqtt_settings()?;
         let tls = match (self.tls_cert_file, self.tls_key_file) {
             (Some(cert), Some(key)) => {
                 crate::tls::load_certified_key(&cert, &key).map_err(|e| ConfigError::new(e.setting(), e.to_string()))?;
@@ -1187,6 +1215,7 @@ impl Settings {
             admin_role,
             oidc_client_id: self.oidc_client_id.filter(|s| !s.is_empty()),
             limits,
+            mqtt,
             redis_url: self.redis_url.filter(|s| !s.is_empty()),
             postgres_dsn: self.postgres_dsn.filter(|s| !s.is_empty()),
             log_format: self.log_format.unwrap_or_default(),
@@ -1199,7 +1228,66 @@ impl Settings {
 /// the first connection panic on overflow after passing `--check-config`.
 pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
 
+/// A claim name given as a setting: at most 128 printable characters; empty means unset.
+fn claim_name(v: Option<&str>, setting: &str) -> Result<Option<String>, ConfigError> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(c) if c.len() <= 128 && !c.chars().any(char::is_control) => Ok(Some(c.to_owned())),
+        Some(_) => Err(ConfigError::new(
+            setting,
+            "must be a claim name of at most 128 printable characters",
+        )),
+    }
+}
+
 impl Settings {
+    /// `MQTT_USERNAME_CLAIM`, `MQTT_USERNAME_FORMAT`, `MQTT_PASSWORD_FORWARD`, `MQTT_CLIENT_ID_POLICY`.
+    fn mqtt_settings(&self) -> Result<MqttSettings, ConfigError> {
+        use crate::mqtt_identity::{ClientIdPolicy, PasswordForward, UsernameFormat};
+        let lower = |v: &Option<String>| v.as_deref().map(|s| s.trim().to_ascii_lowercase());
+        let username_claim = claim_name(
+            self.mqtt_username_claim.as_deref(),
+            "MQTT_USERNAME_CLAIM (--mqtt-username-claim)",
+        )?;
+        let username_format = match lower(&self.mqtt_username_format).as_deref() {
+            None | Some("plain") => UsernameFormat::Plain,
+            Some("go") => UsernameFormat::Go,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "MQTT_USERNAME_FORMAT (--mqtt-username-format)",
+                    "must be plain or go",
+                ))
+            }
+        };
+        let password_forward = match lower(&self.mqtt_password_forward).as_deref() {
+            None | Some("keep") => PasswordForward::Keep,
+            Some("drop") => PasswordForward::Drop,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "MQTT_PASSWORD_FORWARD (--mqtt-password-forward)",
+                    "must be keep or drop",
+                ))
+            }
+        };
+        let client_id_policy = match lower(&self.mqtt_client_id_policy).as_deref() {
+            None | Some("any") => ClientIdPolicy::Any,
+            Some("prefix-subject") => ClientIdPolicy::PrefixSubject,
+            Some("equal-subject") => ClientIdPolicy::EqualSubject,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "MQTT_CLIENT_ID_POLICY (--mqtt-client-id-policy)",
+                    "must be any, prefix-subject or equal-subject",
+                ))
+            }
+        };
+        Ok(MqttSettings {
+            username_claim,
+            username_format,
+            password_forward,
+            client_id_policy,
+        })
+    }
+
     /// `RATE_LIMIT_*`, `LIMIT_KEY_CLAIM`, `MAX_SESSIONS_PER_SUBJECT`, `SESSION_LEASE_SECONDS`,
     /// `SESSION_LIMIT_POLICY`.
     fn limit_settings(&self) -> Result<LimitSettings, ConfigError> {
@@ -1551,6 +1639,8 @@ pub struct Config {
     pub oidc_client_id: Option<String>,
     /// Per-subject limits.
     pub limits: LimitSettings,
+    /// The MQTT CONNECT rewrite (global; routes may override the username claim).
+    pub mqtt: MqttSettings,
     /// Redis URL, as given.
     pub redis_url: Option<String>,
     /// PostgreSQL DSN, as given.

@@ -19,7 +19,9 @@
 //!   re-resolution, balancing, a circuit breaker per endpoint, health checks, retries);
 //! - `relay`: the byte relay with timeouts and Close frames at frame boundaries ([`frame`] finds them);
 //! - [`mqtt`]: the token in the MQTT CONNECT password (the CONNECT parser and the flow), for clients that cannot
-//!   set headers;
+//!   set headers, and reading the first CONNECT in every token mode when a rewrite is on;
+//! - [`mqtt_identity`]: the verified identity in the CONNECT (username from a claim, password drop, user
+//!   properties, client id policy): split, rewrite, re-encode;
 //! - `limits`: per-subject connection rate and session cap, shared through the store;
 //! - `session`: session accounting, what is counted and logged when a relayed session ends;
 //! - `registry`: live sessions by subject and token id, closable from outside;
@@ -47,6 +49,7 @@ pub mod logging;
 mod memory;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_identity;
 pub mod net;
 mod pending;
 pub mod proxy_protocol;
@@ -176,6 +179,22 @@ pub async fn run(
     ));
     let mut policy = auth::jwt::Policy::from_settings(&config.auth);
     policy.limit_claim = config.limits.key_claim.clone();
+    // The claims the MQTT CONNECT rewrite may need, on any route.
+    for claim in std::iter::once(&config.mqtt.username_claim)
+        .chain(
+            config
+                .routes
+                .routes()
+                .iter()
+                .map(|r| &r.mqtt_username_claim),
+        )
+        .flatten()
+    {
+        if !policy.identity_claims.contains(claim) {
+            policy.identity_claims.push(claim.clone());
+        }
+    }
+    policy.collect_roles = config.mqtt.username_format == mqtt_identity::UsernameFormat::Go;
     let verifier = Arc::new(auth::jwt::Verifier::new(policy, Arc::clone(&cache)));
 
     if config.auth.origins.is_empty() {

@@ -499,6 +499,8 @@ mod tests {
             expires_at: 0,
             forwarded: Vec::new(),
             limit_claim: tenant.map(str::to_owned),
+            claims: Vec::new(),
+            roles: Vec::new(),
         }
     }
 

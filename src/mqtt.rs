@@ -1,7 +1,9 @@
 //! The token in the MQTT CONNECT password: for clients (IoT, mobile, MQTT.js) that cannot put a token on the
 //! upgrade. The gateway completes the WebSocket handshake itself, reads the first frames (bounded in size and time),
 //! parses the MQTT 3.1, 3.1.1 or 5 CONNECT, and verifies its password as a JWT before anything reaches the upstream.
-//! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent.
+//! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent, unless a
+//! CONNECT rewrite is on ([`crate::mqtt_identity`]): then, in every token mode, the CONNECT is read after the 101,
+//! rewritten from the verified token and sent as one masked frame, and the bytes after it stay raw.
 
 use std::net::SocketAddr;
 
@@ -10,9 +12,11 @@ use tokio::time::Instant;
 
 use crate::admission::{connect_upstream, Established};
 use crate::auth::source::Source;
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Identity};
+use crate::mqtt_identity::MqttSettings;
 use crate::net::Io;
 use crate::refusal::{Channel, Refusal, Refuser};
+use crate::route::Route;
 use crate::server::Gateway;
 use crate::upgrade::RequestHead;
 use crate::upstream::Pool;
@@ -190,6 +194,16 @@ pub fn connack_not_authorized(level: u8) -> Vec<u8> {
     }
 }
 
+/// CONNACK "client identifier not valid": 3.1/3.1.1 return code 2 ("identifier rejected"), MQTT 5 reason 0x85.
+#[must_use]
+pub fn connack_client_id_not_valid(level: u8) -> Vec<u8> {
+    if level >= 5 {
+        vec![0x20, 0x03, 0x00, 0x85, 0x00]
+    } else {
+        vec![0x20, 0x02, 0x00, 0x02]
+    }
+}
+
 /// CONNACK "server unavailable": return code 3, MQTT 5 reason code 0x88.
 #[must_use]
 pub fn connack_unavailable(level: u8) -> Vec<u8> {
@@ -210,6 +224,47 @@ pub fn connack_quota_exceeded(level: u8) -> Vec<u8> {
     }
 }
 
+/// The client's first frames, read up to a complete CONNECT.
+#[derive(Debug)]
+pub struct FirstPacket {
+    /// The CONNECT's fields the gateway checks.
+    pub connect: Connect,
+    /// Every raw byte read (masked frames, as sent): forwarded unchanged when nothing is rewritten.
+    pub raw: Vec<u8>,
+    /// Length of the complete frames in `raw` that carried the CONNECT.
+    pub consumed: usize,
+    /// Their payload, unmasked: the CONNECT, then any MQTT bytes that followed it in the same frames.
+    pub payload: Vec<u8>,
+    /// Length of the CONNECT at the start of `payload`.
+    pub packet_len: usize,
+    /// The FIN bit of the last of those frames (a message may go on in continuation frames).
+    pub fin: bool,
+}
+
+impl FirstPacket {
+    /// The bytes to send upstream with the CONNECT replaced by `packet`: one masked binary frame (FIN as the
+    /// client's last frame had it, so the client's continuation frames still follow), then the raw rest.
+    #[must_use]
+    pub fn with_connect(&self, packet: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let tail = self.payload.get(self.packet_len..).unwrap_or_default();
+        let mut payload = Vec::with_capacity(packet.len() + tail.len());
+        payload.extend_from_slice(packet);
+        payload.extend_from_slice(tail);
+        let mut out = frame::encode(OP_BINARY, &payload, Some(mask));
+        if !self.fin {
+            out[0] &= 0x7f;
+        }
+        out.extend_from_slice(self.raw.get(self.consumed..).unwrap_or_default());
+        out
+    }
+
+    /// The CONNECT packet itself.
+    #[must_use]
+    pub fn packet(&self) -> &[u8] {
+        self.payload.get(..self.packet_len).unwrap_or_default()
+    }
+}
+
 /// Reads WebSocket frames from the client until a complete CONNECT: returns it and every raw byte read (masked
 /// frames, as sent), which the caller forwards unchanged.
 ///
@@ -217,8 +272,19 @@ pub fn connack_quota_exceeded(level: u8) -> Vec<u8> {
 /// See [`MqttError`]; I/O errors count as [`MqttError::Closed`].
 pub async fn read_connect<R: AsyncRead + Unpin>(
     io: &mut R,
-    mut raw: Vec<u8>,
+    raw: Vec<u8>,
 ) -> Result<(Connect, Vec<u8>), MqttError> {
+    read_first_packet(io, raw).await.map(|f| (f.connect, f.raw))
+}
+
+/// Reads WebSocket frames from the client until a complete CONNECT, keeping what a rewrite needs.
+///
+/// # Errors
+/// See [`MqttError`]; I/O errors count as [`MqttError::Closed`].
+pub async fn read_first_packet<R: AsyncRead + Unpin>(
+    io: &mut R,
+    mut raw: Vec<u8>,
+) -> Result<FirstPacket, MqttError> {
     let mut payload = Vec::new();
     let mut parsed = 0;
     let mut chunk = vec![0u8; 4096];
@@ -235,8 +301,20 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
             if payload.len() > MAX_CONNECT_BYTES {
                 return Err(MqttError::TooLarge);
             }
-            if let Some(c) = parse_connect(&payload)? {
-                return Ok((c, raw));
+            if let Some(connect) = parse_connect(&payload)? {
+                // Invariant: parse_connect found a complete packet, so its remaining length parses.
+                let packet_len = match remaining_length(payload.get(1..).unwrap_or_default())? {
+                    Some((len, n)) => 1 + n + len,
+                    None => return Err(MqttError::Malformed("truncated")),
+                };
+                return Ok(FirstPacket {
+                    connect,
+                    raw,
+                    consumed: parsed,
+                    payload,
+                    packet_len,
+                    fin: f.fin,
+                });
             }
         }
         if raw.len() > MAX_CONNECT_BYTES + 14 {
@@ -247,6 +325,69 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
             return Err(MqttError::Closed);
         }
         raw.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The CONNECT rewrite that applies on `route`: the global settings, with the route's username claim.
+pub(crate) fn settings_for(gw: &Gateway, route: &Route) -> MqttSettings {
+    let mut s = gw.config.mqtt.clone();
+    if let Some(claim) = &route.mqtt_username_claim {
+        s.username_claim = Some(claim.clone());
+    }
+    s
+}
+
+/// Whether the request carries MQTT: the client offers the `mqtt` subprotocol, or the upstream selected it.
+pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>) -> bool {
+    selected.is_some_and(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+        || head
+            .values("Sec-WebSocket-Protocol")
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+}
+
+/// The bytes to forward upstream for `first` under `settings`: unchanged when no rewrite is on, else the rewritten
+/// CONNECT and the raw rest.
+///
+/// # Errors
+/// The refusal to answer on the MQTT channel: a malformed CONNECT, or an identity that may not use it.
+pub(crate) fn forward_first(
+    gw: &Gateway,
+    settings: &MqttSettings,
+    identity: &Identity,
+    first: FirstPacket,
+) -> Result<Vec<u8>, Refusal> {
+    if !settings.active(!gw.config.auth.forward_claims.is_empty()) {
+        return Ok(first.raw);
+    }
+    match crate::mqtt_identity::rewrite_connect(settings, identity, first.packet()) {
+        Ok(packet) => Ok(first.with_connect(&packet, crate::relay::mask_key())),
+        Err(Ok(e)) => Err(Refusal::Mqtt(e)),
+        Err(Err(e)) => Err(Refusal::MqttIdentity(e)),
+    }
+}
+
+/// Header, cookie and query token modes on an MQTT route with a rewrite on: after the upstream's 101 went to the
+/// client, reads the CONNECT by the same handshake `deadline` and returns what to forward instead of `rest`.
+/// `None` when refused (answered with CONNACK and Close; the upstream is dropped before any byte reached it).
+pub(crate) async fn after_upgrade(
+    at: &mut Refuser<'_>,
+    io: &mut Io,
+    rest: Vec<u8>,
+    identity: &Identity,
+    settings: &MqttSettings,
+    deadline: Instant,
+) -> Option<Vec<u8>> {
+    at.channel = Channel::Mqtt(None);
+    let first = match tokio::time::timeout_at(deadline, read_first_packet(io, rest)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return at.refuse(io, e.into()).await,
+        Err(_) => return at.refuse(io, Refusal::HandshakeTimeout).await,
+    };
+    at.channel = Channel::Mqtt(Some(first.connect.level));
+    match forward_first(at.gw, settings, identity, first) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => at.refuse(io, e).await,
     }
 }
 
@@ -285,14 +426,14 @@ pub(crate) async fn session<'a>(
         route: Some(route),
         channel: Channel::Mqtt(None),
     };
-    let (connect, raw) = match tokio::time::timeout_at(deadline, read_connect(&mut io, rest)).await
-    {
+    let first = match tokio::time::timeout_at(deadline, read_first_packet(&mut io, rest)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return at.refuse(&mut io, e.into()).await,
         Err(_) => return at.refuse(&mut io, Refusal::HandshakeTimeout).await,
     };
-    at.channel = Channel::Mqtt(Some(connect.level));
-    let token = connect
+    at.channel = Channel::Mqtt(Some(first.connect.level));
+    let token = first
+        .connect
         .password
         .as_deref()
         .and_then(|p| std::str::from_utf8(p).ok())
@@ -308,6 +449,11 @@ pub(crate) async fn session<'a>(
     let identity = match verified {
         Ok(i) => i,
         Err(e) => return at.refuse(&mut io, e.into()).await,
+    };
+    // The rewrite (and the client id check) before the dial: a refused CONNECT never reaches the broker.
+    let raw = match forward_first(gw, &settings_for(gw, route), &identity, first) {
+        Ok(bytes) => bytes,
+        Err(e) => return at.refuse(&mut io, e).await,
     };
     let (slot, connected, lease, subject_lease) =
         match connect_upstream(gw, &io, peer, head, pool, &identity, true, deadline).await {

@@ -13,6 +13,7 @@ use crate::auth::AuthError;
 use crate::frame;
 use crate::limits::LimitError;
 use crate::mqtt::MqttError;
+use crate::mqtt_identity::IdentityError;
 use crate::net::Io;
 use crate::route::Route;
 use crate::server::Gateway;
@@ -43,6 +44,10 @@ pub(crate) enum Refusal {
     /// The first MQTT packet is not a valid CONNECT.
     #[error("{0}")]
     Mqtt(#[from] MqttError),
+    /// The verified identity may not use this CONNECT (client id outside `MQTT_CLIENT_ID_POLICY`, or no username
+    /// claim).
+    #[error("{0}")]
+    MqttIdentity(#[from] IdentityError),
     /// The subject is over `RATE_LIMIT_PER_SECOND` or `MAX_SESSIONS_PER_SUBJECT`.
     #[error("{0}")]
     Limit(#[from] LimitError),
@@ -77,6 +82,7 @@ impl Refusal {
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::Busy => "busy",
             Refusal::Mqtt(_) => "mqtt_malformed",
+            Refusal::MqttIdentity(e) => e.kind(),
             Refusal::Limit(e) => e.kind(),
             Refusal::HandshakeBudget { .. } => "handshake_budget",
         }
@@ -129,6 +135,10 @@ impl Refusal {
                 Response::new(503, "too many sessions; try again").header("Retry-After", "1")
             }
             Refusal::Mqtt(_) => Response::new(400, "bad request: expected MQTT CONNECT"),
+            // Only ever answered on the MQTT channel (the CONNECT is read after a 101); total for completeness.
+            Refusal::MqttIdentity(_) => {
+                Response::new(403, "MQTT CONNECT not allowed for this token")
+            }
             Refusal::Limit(LimitError::Rate { retry_after }) => Response::new(
                 429,
                 "too many new sessions for this subject; try again later",
@@ -154,6 +164,14 @@ impl Refusal {
         match self {
             Refusal::Mqtt(_) => (None, frame::CLOSE_PROTOCOL_ERROR, "expected MQTT CONNECT"),
             Refusal::HandshakeTimeout => (None, frame::CLOSE_POLICY, "no CONNECT in time"),
+            Refusal::MqttIdentity(IdentityError::ClientId) => (
+                level.map(crate::mqtt::connack_client_id_not_valid),
+                frame::CLOSE_POLICY,
+                "client identifier not valid",
+            ),
+            Refusal::MqttIdentity(IdentityError::Username) => {
+                (not_authorized, frame::CLOSE_POLICY, "not authorized")
+            }
             Refusal::Auth(_) | Refusal::Origin | Refusal::Upgrade(_) => {
                 (not_authorized, frame::CLOSE_POLICY, "not authorized")
             }

@@ -219,6 +219,8 @@ mod tests {
             issued_at: iat,
             expires_at: 10_000,
             limit_claim: None,
+            claims: Vec::new(),
+            roles: Vec::new(),
             forwarded: Vec::new(),
         }
     }

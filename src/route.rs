@@ -26,6 +26,9 @@ pub struct Route {
     pub preserve_query: bool,
     /// Accept the JWT as the MQTT CONNECT password on this route.
     pub mqtt_connect_auth: Option<bool>,
+    /// `MQTT_USERNAME_CLAIM` on this route (`mqttUsernameClaim`, or `mqtt_username_claim`); `None` takes the
+    /// global setting.
+    pub mqtt_username_claim: Option<String>,
 }
 
 impl Route {
@@ -112,6 +115,8 @@ struct RouteEntry {
     preserve_query: Option<bool>,
     #[serde(default)]
     mqtt_connect_auth: Option<bool>,
+    #[serde(default, alias = "mqtt_username_claim")]
+    mqtt_username_claim: Option<String>,
 }
 
 /// `upstream:` as one URL (the Go format) or a list.
@@ -140,6 +145,7 @@ impl RouteTable {
                 copy_subprotocol: true,
                 preserve_query: true,
                 mqtt_connect_auth: None,
+                mqtt_username_claim: None,
             });
         }
         RouteTable { routes }
@@ -210,12 +216,23 @@ impl RouteTable {
                 .iter()
                 .map(|u| WsUrl::parse_ws(u).map_err(|m| bad(format!("upstream: {m}"))))
                 .collect::<Result<Vec<_>, _>>()?;
+            let mqtt_username_claim = match e.mqtt_username_claim.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(c) if c.len() <= 128 && !c.chars().any(char::is_control) => Some(c.to_owned()),
+                Some(_) => {
+                    return Err(bad(
+                        "mqttUsernameClaim: a claim name of at most 128 printable characters"
+                            .into(),
+                    ))
+                }
+            };
             routes.push(Route {
                 prefix: e.prefix.clone(),
                 upstreams,
                 copy_subprotocol: e.copy_sub_protocol.unwrap_or(true),
                 preserve_query: e.preserve_query.unwrap_or(true),
                 mqtt_connect_auth: e.mqtt_connect_auth,
+                mqtt_username_claim,
             });
         }
         Ok(RouteTable::new(routes, fallback))

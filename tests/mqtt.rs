@@ -180,3 +180,166 @@ async fn a_subject_over_its_rate_gets_connack_quota_exceeded_and_1008() {
         "only the first session reached the upstream"
     );
 }
+
+/// A CONNECT with `client` id and `username` / `password` fields, for protocol level 4 or 5.
+fn connect_as(level: u8, client: &str, username: Option<&str>, password: Option<&str>) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level];
+    body.push(
+        0x02 | if username.is_some() { 0x80 } else { 0 }
+            | if password.is_some() { 0x40 } else { 0 },
+    );
+    body.extend_from_slice(&[0, 30]);
+    if level == 5 {
+        body.push(0);
+    }
+    for f in [Some(client), username, password].into_iter().flatten() {
+        body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
+    }
+    let mut out = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let b = (len % 128) as u8;
+        len /= 128;
+        out.push(if len > 0 { b | 0x80 } else { b });
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    out
+}
+
+#[tokio::test]
+async fn the_username_claim_rewrites_the_connect_in_the_header_and_password_modes() {
+    let env = Env::new().await;
+    let gw = env
+        .gateway(&[
+            "--mqtt-username-claim",
+            "sub",
+            "--mqtt-password-forward",
+            "drop",
+        ])
+        .await;
+    let token = env.signer.valid("alice", 300);
+    for level in [4, 5] {
+        // Header mode: the token on the upgrade, the client claims to be bob.
+        let auth = format!("Bearer {token}");
+        let mut ws = connect_ws(
+            &env.pki,
+            &gw,
+            "/mqtt",
+            &[("Sec-WebSocket-Protocol", "mqtt"), ("Authorization", &auth)],
+        )
+        .await
+        .expect("101");
+        // The CONNECT and a PINGREQ in one frame: the PINGREQ follows the rewritten CONNECT unchanged.
+        let mut frame = connect_as(level, "alice-1", Some("bob"), Some("secret"));
+        frame.extend_from_slice(&[0xc0, 0x00]);
+        within(ws.send(Message::binary(frame))).await.expect("send");
+        let mut want = connect_as(level, "alice-1", Some("alice"), None);
+        want.extend_from_slice(&[0xc0, 0x00]);
+        assert_eq!(
+            next_binary(&mut ws).await,
+            want,
+            "header mode, level {level}"
+        );
+        within(ws.send(Message::binary(vec![0xc0, 0x00])))
+            .await
+            .expect("PINGREQ");
+        assert_eq!(
+            next_binary(&mut ws).await,
+            vec![0xc0, 0x00],
+            "raw after the CONNECT"
+        );
+
+        // CONNECT-password mode: the token is the password, and is dropped.
+        let mut ws = connect_ws(
+            &env.pki,
+            &gw,
+            "/mqtt",
+            &[("Sec-WebSocket-Protocol", "mqtt")],
+        )
+        .await
+        .expect("101");
+        within(ws.send(Message::binary(connect_as(
+            level,
+            "c",
+            Some("bob"),
+            Some(&token),
+        ))))
+        .await
+        .expect("send");
+        assert_eq!(
+            next_binary(&mut ws).await,
+            connect_as(level, "c", Some("alice"), None),
+            "password mode, level {level}"
+        );
+    }
+    assert!(!gw.logs().join("\n").contains(&token));
+}
+
+#[tokio::test]
+async fn a_client_id_outside_the_policy_gets_connack_2_or_0x85_and_1008() {
+    let env = Env::new().await;
+    let gw = env
+        .gateway(&["--mqtt-client-id-policy", "prefix-subject"])
+        .await;
+    let token = env.signer.valid("alice", 300);
+    let auth = format!("Bearer {token}");
+    for (level, connack, header) in [
+        (4, vec![0x20, 0x02, 0x00, 0x02], true),
+        (5, vec![0x20, 0x03, 0x00, 0x85, 0x00], true),
+        (4, vec![0x20, 0x02, 0x00, 0x02], false),
+        (5, vec![0x20, 0x03, 0x00, 0x85, 0x00], false),
+    ] {
+        let mut headers = vec![("Sec-WebSocket-Protocol", "mqtt")];
+        let password = if header {
+            headers.push(("Authorization", auth.as_str()));
+            None
+        } else {
+            Some(token.as_str())
+        };
+        let mut ws = connect_ws(&env.pki, &gw, "/mqtt", &headers)
+            .await
+            .expect("101");
+        within(ws.send(Message::binary(connect_as(
+            level,
+            "victim-device",
+            Some("u"),
+            password,
+        ))))
+        .await
+        .expect("send");
+        assert_eq!(
+            next_binary(&mut ws).await,
+            connack,
+            "level {level} header {header}"
+        );
+        let (code, reason) = next_close(&mut ws).await;
+        assert_eq!(
+            (code, reason.as_str()),
+            (1008, "client identifier not valid")
+        );
+    }
+    gw.wait_log(&["\"rejected\"", "mqtt_client_id"]).await;
+    // In the password mode nothing was dialed; in the header mode the upstream answered the upgrade, but no MQTT
+    // byte reached it (the echo would have returned the CONNECT). A client id inside the policy passes.
+    let mut ws = connect_ws(
+        &env.pki,
+        &gw,
+        "/mqtt",
+        &[("Sec-WebSocket-Protocol", "mqtt"), ("Authorization", &auth)],
+    )
+    .await
+    .expect("101");
+    let ok = connect_as(4, "alice-phone", None, None);
+    within(ws.send(Message::binary(ok.clone())))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_binary(&mut ws).await,
+        ok,
+        "nothing to rewrite: forwarded as sent"
+    );
+}

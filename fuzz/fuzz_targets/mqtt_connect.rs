@@ -1,8 +1,13 @@
-//! The MQTT CONNECT the gateway reads from WebSocket frames to find the token in its password.
+//! The MQTT CONNECT the gateway reads from WebSocket frames to find the token in its password, and its rewrite
+//! from the verified identity (`mqtt_identity`): split, rewrite, re-encode.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use ws_gateway::auth::Identity;
 use ws_gateway::mqtt::{parse_connect, MAX_CONNECT_BYTES};
+use ws_gateway::mqtt_identity::{
+    rewrite_connect, split_connect, ClientIdPolicy, MqttSettings, PasswordForward, UsernameFormat,
+};
 
 mod common;
 
@@ -32,6 +37,34 @@ fuzz_target!(|data: &[u8]| {
         }
         // The packet alone gives the same CONNECT: bytes after it (the next packets) play no part.
         assert_eq!(parse_connect(&data[..len]), full);
+        // The field-keeping split agrees, and re-encoding gives back the same bytes.
+        let split = split_connect(&data[..len]).expect("a parsed CONNECT splits");
+        assert_eq!(split.encode().expect("encodes"), &data[..len]);
+        // Every rewrite either refuses or gives a CONNECT that parses, with the identity's username.
+        let identity = Identity {
+            subject: Some("alice".into()),
+            token_id: None,
+            session_id: None,
+            issued_at: None,
+            expires_at: 0,
+            forwarded: vec![("X-Tenant".into(), "t+/#".into())],
+            limit_claim: None,
+            claims: vec![("sub".into(), "alice".into())],
+            roles: vec!["r".into()],
+        };
+        let format = if data.len() % 2 == 0 { UsernameFormat::Plain } else { UsernameFormat::Go };
+        let settings = MqttSettings {
+            username_claim: Some("sub".into()),
+            username_format: format,
+            password_forward: PasswordForward::Drop,
+            client_id_policy: ClientIdPolicy::PrefixSubject,
+        };
+        if let Ok(out) = rewrite_connect(&settings, &identity, &data[..len]) {
+            let again = split_connect(&out).expect("the rewrite parses");
+            assert!(parse_connect(&out).expect("valid").is_some());
+            assert!(again.username.as_deref().is_some_and(|u| u.starts_with(b"alice")));
+            assert_eq!(again.password, None);
+        }
     }
     // The CONNECT is parsed again as each frame arrives: an answer on fewer bytes is the answer on all of them.
     for cut in common::cuts(data.len()) {

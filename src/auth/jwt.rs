@@ -35,6 +35,10 @@ pub struct Policy {
     pub required_typ: Option<String>,
     /// Claim that keys the per-subject limits (`LIMIT_KEY_CLAIM`).
     pub limit_claim: Option<String>,
+    /// Claims whose values the MQTT CONNECT rewrite uses (`MQTT_USERNAME_CLAIM`, global and per route).
+    pub identity_claims: Vec<String>,
+    /// Collect the Keycloak roles (`MQTT_USERNAME_FORMAT=go`).
+    pub collect_roles: bool,
 }
 
 impl Policy {
@@ -50,6 +54,8 @@ impl Policy {
             forward_claims: s.forward_claims.clone(),
             required_typ: s.required_typ.clone(),
             limit_claim: None,
+            identity_claims: Vec::new(),
+            collect_roles: false,
         }
     }
 }
@@ -235,7 +241,47 @@ pub fn check_claims(payload: &[u8], policy: &Policy, now: i64) -> Result<Identit
             .and_then(|c| claims.get(c))
             .and_then(text)
             .filter(|v| !v.is_empty()),
+        claims: policy
+            .identity_claims
+            .iter()
+            .filter_map(|c| {
+                let v = claims.get(c).and_then(text)?;
+                (!v.chars().any(char::is_control)).then(|| (c.clone(), v))
+            })
+            .collect(),
+        roles: if policy.collect_roles {
+            roles(&claims)
+        } else {
+            Vec::new()
+        },
     })
+}
+
+/// Keycloak's roles: `realm_access.roles`, then each `resource_access.<client>.roles`, without repeats; at most
+/// 256 (a token is bounded by `JWT_MAX_TOKEN_BYTES` anyway).
+fn roles(claims: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let lists = std::iter::once(claims.get("realm_access")).chain(
+        claims
+            .get("resource_access")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|m| m.values().map(Some)),
+    );
+    for access in lists.flatten() {
+        let Some(list) = access.get("roles").and_then(Value::as_array) else {
+            continue;
+        };
+        for role in list.iter().filter_map(Value::as_str) {
+            if out.len() < 256
+                && !role.chars().any(char::is_control)
+                && !out.iter().any(|r| r == role)
+            {
+                out.push(role.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// A NumericDate: a JSON number (fractions allowed, truncated); any other type is malformed.
@@ -506,7 +552,26 @@ mod tests {
             ],
             required_typ: None,
             limit_claim: None,
+            identity_claims: vec!["tenant".into(), "absent".into()],
+            collect_roles: true,
         }
+    }
+
+    #[test]
+    fn mqtt_claims_and_roles_are_kept_after_verification() {
+        let now = 1_700_000_000;
+        let payload = serde_json::json!({
+            "exp": now + 60, "iss": "https://idp/realms/r", "aud": "gw", "sub": "alice", "tenant": "t/1",
+            "realm_access": {"roles": ["admin", "reader"]},
+            "resource_access": {"app": {"roles": ["reader", "writer"]}, "bad": {"roles": "x"}},
+        });
+        let id = check_claims(payload.to_string().as_bytes(), &policy(), now).expect("valid");
+        assert_eq!(id.claims, vec![("tenant".to_owned(), "t/1".to_owned())]);
+        assert_eq!(id.roles, vec!["admin", "reader", "writer"]);
+        let mut p = policy();
+        p.collect_roles = false;
+        let id = check_claims(payload.to_string().as_bytes(), &p, now).expect("valid");
+        assert!(id.roles.is_empty());
     }
 
     fn b64(v: &str) -> String {

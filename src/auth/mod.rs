@@ -185,4 +185,10 @@ pub struct Identity {
     pub forwarded: Vec<(String, String)>,
     /// The value of `LIMIT_KEY_CLAIM`, when it is configured and the token carries it.
     pub limit_claim: Option<String>,
+    /// Values of the claims the MQTT settings name (`MQTT_USERNAME_CLAIM`, global and per route), as
+    /// `(claim, value)`; empty when none is configured.
+    pub claims: Vec<(String, String)>,
+    /// Roles of `realm_access.roles`, then of each `resource_access.*.roles`, without repeats; filled only for
+    /// `MQTT_USERNAME_FORMAT=go`.
+    pub roles: Vec<String>,
 }

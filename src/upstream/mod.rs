@@ -487,6 +487,7 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             copy_subprotocol: true,
             preserve_query: true,
             mqtt_connect_auth: None,
+            mqtt_username_claim: None,
         };
         let identity = Identity {
             subject: Some("alice".into()),
@@ -495,6 +496,8 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             issued_at: None,
             expires_at: 0,
             limit_claim: None,
+            claims: Vec::new(),
+            roles: Vec::new(),
             forwarded: vec![],
         };
         let fwd = Forwarding {

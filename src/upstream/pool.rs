@@ -595,6 +595,7 @@ mod tests {
             copy_subprotocol: true,
             preserve_query: true,
             mqtt_connect_auth: None,
+            mqtt_username_claim: None,
         };
         let settings = UpstreamSettings {
             dns_refresh: Duration::from_secs(10),

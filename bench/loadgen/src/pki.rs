@@ -351,6 +351,8 @@ mod tests {
             forward_claims: Vec::new(),
             required_typ: None,
             limit_claim: None,
+            identity_claims: Vec::new(),
+            collect_roles: false,
         };
         let jwks = std::fs::read(dir.join("jwks/jwks.json")).expect("jwks");
         let keys = KeySet::from_json(&jwks).expect("a usable JWKS");
