@@ -2071,6 +2071,62 @@ ws_dial_retry_interval_seconds = 1\njwks_url = \"http://idp/jwks\"\n",
     }
 
     #[test]
+    fn mqtt_settings_default_off_and_are_checked() {
+        use crate::mqtt_identity::{ClientIdPolicy, PasswordForward, UsernameFormat};
+        assert_eq!(
+            parse(&[]).mqtt_settings().expect("defaults"),
+            MqttSettings::default()
+        );
+        let s = parse(&[
+            "--mqtt-username-claim",
+            " preferred_username ",
+            "--mqtt-username-format",
+            "GO",
+            "--mqtt-password-forward",
+            "drop",
+            "--mqtt-client-id-policy",
+            "prefix-subject",
+        ])
+        .mqtt_settings()
+        .expect("valid");
+        assert_eq!(
+            s,
+            MqttSettings {
+                username_claim: Some("preferred_username".into()),
+                username_format: UsernameFormat::Go,
+                password_forward: PasswordForward::Drop,
+                client_id_policy: ClientIdPolicy::PrefixSubject,
+            }
+        );
+        let long = "c".repeat(129);
+        for (flag, value, setting) in [
+            (
+                "--mqtt-username-claim",
+                long.as_str(),
+                "MQTT_USERNAME_CLAIM (--mqtt-username-claim)",
+            ),
+            (
+                "--mqtt-username-format",
+                "json",
+                "MQTT_USERNAME_FORMAT (--mqtt-username-format)",
+            ),
+            (
+                "--mqtt-password-forward",
+                "hash",
+                "MQTT_PASSWORD_FORWARD (--mqtt-password-forward)",
+            ),
+            (
+                "--mqtt-client-id-policy",
+                "prefix",
+                "MQTT_CLIENT_ID_POLICY (--mqtt-client-id-policy)",
+            ),
+        ] {
+            let e = parse(&[flag, value]).mqtt_settings().expect_err(flag);
+            assert!(e.to_string().contains(setting), "{e}");
+        }
+    }
+
+    #[test]
     fn boolish_flags() {
         assert_eq!(
             parse(&["--ws-require-origin"]).ws_require_origin,
