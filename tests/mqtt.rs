@@ -343,3 +343,37 @@ async fn a_client_id_outside_the_policy_gets_connack_2_or_0x85_and_1008() {
         "nothing to rewrite: forwarded as sent"
     );
 }
+
+#[tokio::test]
+async fn the_handshake_deadline_covers_the_connect_in_the_header_mode() {
+    let env = Env::new().await;
+    let gw = env
+        .gateway(&[
+            "--mqtt-username-claim",
+            "sub",
+            "--handshake-timeout-seconds",
+            "1",
+        ])
+        .await;
+    let auth = format!("Bearer {}", env.signer.valid("alice", 300));
+    let mut ws = connect_ws(
+        &env.pki,
+        &gw,
+        "/mqtt",
+        &[("Sec-WebSocket-Protocol", "mqtt"), ("Authorization", &auth)],
+    )
+    .await
+    .expect("101");
+    let started = std::time::Instant::now();
+    let (code, reason) = next_close(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1008, "no CONNECT in time"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // Without the mqtt subprotocol nothing is read: the echo's greeting arrives and the session stays.
+    let mut plain = connect_ws(&env.pki, &gw, "/", &[("Authorization", &auth)])
+        .await
+        .expect("101");
+    within(plain.send(Message::binary(vec![1, 2, 3])))
+        .await
+        .expect("send");
+    assert_eq!(next_binary(&mut plain).await, vec![1, 2, 3]);
+}
