@@ -185,7 +185,7 @@ pub(crate) async fn establish(
     }
     // An MQTT route with a CONNECT rewrite: the first packet is read and rewritten before anything is forwarded.
     let settings = crate::mqtt::settings_for(gw, route);
-    let rest = if crate::mqtt::carries_mqtt(&head, protocol.as_deref())
+    let rest = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route)
         && settings.active(!gw.config.auth.forward_claims.is_empty())
     {
         crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, &settings, deadline).await?

@@ -337,9 +337,12 @@ pub(crate) fn settings_for(gw: &Gateway, route: &Route) -> MqttSettings {
     s
 }
 
-/// Whether the request carries MQTT: the client offers the `mqtt` subprotocol, or the upstream selected it.
-pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>) -> bool {
-    selected.is_some_and(|p| p.trim().eq_ignore_ascii_case("mqtt"))
+/// Whether the request carries MQTT: the client offers the `mqtt` subprotocol, the upstream selected it, or the
+/// route names an MQTT setting of its own (fail closed: a broker that speaks MQTT without the subprotocol must not
+/// let a client skip the rewrite by offering none).
+pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>, route: &Route) -> bool {
+    route.mqtt_username_claim.is_some()
+        || selected.is_some_and(|p| p.trim().eq_ignore_ascii_case("mqtt"))
         || head
             .values("Sec-WebSocket-Protocol")
             .flat_map(|v| v.split(','))

@@ -295,6 +295,29 @@ mod tests {
 ";
 
     #[test]
+    fn the_mqtt_username_claim_is_a_route_key_in_either_spelling() {
+        let t = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: ws://a:1\n  mqttUsernameClaim: sub\n\
+             - prefix: /b\n  upstream: ws://b:1\n  mqtt_username_claim: ' tenant '\n\
+             - prefix: /c\n  upstream: ws://c:1\n",
+            "routes.yaml",
+            Vec::new(),
+        )
+        .expect("valid");
+        let claims: Vec<_> = t
+            .routes()
+            .iter()
+            .map(|r| r.mqtt_username_claim.as_deref())
+            .collect();
+        assert_eq!(claims, vec![Some("sub"), Some("tenant"), None]);
+        let long = format!(
+            "- prefix: /a\n  upstream: ws://a:1\n  mqttUsernameClaim: {}\n",
+            "c".repeat(129)
+        );
+        assert!(RouteTable::from_yaml(&long, "routes.yaml", Vec::new()).is_err());
+    }
+
+    #[test]
     fn first_matching_prefix_wins_and_fallback_catches_the_rest() {
         let fallback = vec![WsUrl::parse_ws("ws://fallback:1/").expect("url")];
         let t = RouteTable::from_yaml(GO_FORMAT, "routes.yaml", fallback).expect("parses");

@@ -377,3 +377,42 @@ async fn the_handshake_deadline_covers_the_connect_in_the_header_mode() {
         .expect("send");
     assert_eq!(next_binary(&mut plain).await, vec![1, 2, 3]);
 }
+
+#[tokio::test]
+async fn a_route_with_its_own_username_claim_rewrites_even_without_the_mqtt_subprotocol() {
+    let env = Env::new().await;
+    let dir = TempDir::new("routes");
+    let routes = dir.path("routes.yaml");
+    std::fs::write(
+        &routes,
+        format!(
+            "- prefix: /devices\n  upstream: {}\n  mqttUsernameClaim: sub\n- prefix: /raw\n  upstream: {}\n",
+            env.upstream.url, env.upstream.url
+        ),
+    )
+    .expect("write");
+    let gw = env
+        .gateway(&["--route-file", routes.to_str().expect("p")])
+        .await;
+    let auth = format!("Bearer {}", env.signer.valid("alice", 300));
+    // No subprotocol offered: a broker that speaks MQTT without it must still see alice.
+    let mut ws = connect_ws(&env.pki, &gw, "/devices", &[("Authorization", &auth)])
+        .await
+        .expect("101");
+    within(ws.send(Message::binary(connect_as(4, "c", Some("bob"), None))))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_binary(&mut ws).await,
+        connect_as(4, "c", Some("alice"), None)
+    );
+    // Other routes are untouched.
+    let mut ws = connect_ws(&env.pki, &gw, "/raw", &[("Authorization", &auth)])
+        .await
+        .expect("101");
+    let bob = connect_as(4, "c", Some("bob"), None);
+    within(ws.send(Message::binary(bob.clone())))
+        .await
+        .expect("send");
+    assert_eq!(next_binary(&mut ws).await, bob);
+}
