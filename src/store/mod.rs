@@ -80,6 +80,20 @@ pub(crate) struct LeaseGrant {
     pub(crate) evicted: Vec<String>,
 }
 
+impl LeaseGrant {
+    /// Both stores answer `[member, evicted...]`, or nothing when the lease was refused.
+    fn from_reply(mut reply: Vec<String>) -> Option<LeaseGrant> {
+        if reply.is_empty() {
+            return None;
+        }
+        let member = reply.remove(0);
+        Some(LeaseGrant {
+            member,
+            evicted: reply,
+        })
+    }
+}
+
 enum Backend {
     Memory,
     Redis(redis::RedisStore),

@@ -185,15 +185,7 @@ impl PgStore {
             .await?;
         let row = rows.first().ok_or("no answer")?;
         let out: Option<Vec<String>> = row.try_get(0).map_err(|e| e.to_string())?;
-        Ok(out.and_then(|mut out| {
-            (!out.is_empty()).then(|| {
-                let member = out.remove(0);
-                LeaseGrant {
-                    member,
-                    evicted: out,
-                }
-            })
-        }))
+        Ok(out.and_then(LeaseGrant::from_reply))
     }
 
     pub(crate) async fn lease_renew(

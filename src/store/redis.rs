@@ -197,15 +197,8 @@ impl RedisStore {
             .arg(lease_ms)
             .arg(max)
             .arg(if evict { "1" } else { "0" });
-        let mut out: Vec<String> = self.query(&cmd).await?;
-        if out.is_empty() {
-            return Ok(None);
-        }
-        let member = out.remove(0);
-        Ok(Some(LeaseGrant {
-            member,
-            evicted: out,
-        }))
+        let out: Vec<String> = self.query(&cmd).await?;
+        Ok(LeaseGrant::from_reply(out))
     }
 
     pub(crate) async fn lease_renew(
