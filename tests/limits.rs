@@ -110,8 +110,7 @@ async fn cap_is_shared_and_dead_leases_expire(store: &[&str]) {
         "3",
     ];
     flags.extend_from_slice(store);
-    let a = env.gateway(&flags).await;
-    let b = env.gateway(&flags).await;
+    let (a, b) = replicas(&env, &flags).await;
     let alice = env.signer.valid("alice", 300);
     let _held = connect_bearer(&env.pki, &a, "/ws", &alice)
         .await

@@ -350,15 +350,22 @@ export function httpStatus(url) {
 
 /**
  * Starts Mosquitto 2.0 with a WebSocket listener and a plain MQTT listener on private loopback ports.
+ * With `acl` (the text of a Mosquitto ACL file), the broker authorizes by it: `%u` patterns use the CONNECT username.
  * Returns { wsPort, mqttPort, child, stop() }.
  */
-export async function startMosquitto() {
+export async function startMosquitto({ acl } = {}) {
   const bin = ['/usr/sbin/mosquitto', '/usr/bin/mosquitto'].find((p) => fs.existsSync(p));
   if (!bin) throw new Error('mosquitto is not installed (scripts/e2e.sh installs it)');
   const dir = makeTempDir('mosquitto');
   fs.chmodSync(dir, 0o755);
   const [wsPort, mqttPort] = await freePorts(2);
   const conf = path.join(dir, 'mosquitto.conf');
+  const aclLines = [];
+  if (acl !== undefined) {
+    const aclFile = path.join(dir, 'acl');
+    fs.writeFileSync(aclFile, acl);
+    aclLines.push(`acl_file ${aclFile}`);
+  }
   fs.writeFileSync(conf, [
     // Stay root (no TLS files to read as another user) and keep nothing on disk.
     'user root',
@@ -371,6 +378,7 @@ export async function startMosquitto() {
     'connection_messages true',
     'per_listener_settings false',
     'allow_anonymous true',
+    ...aclLines,
     `listener ${mqttPort} 127.0.0.1`,
     'protocol mqtt',
     // Without socket_domain ipv4, 2.0.11 ignores the address of a websockets listener and binds every interface.

@@ -80,6 +80,28 @@ describe('rabbitmq', () => {
       }
     });
 
+    test('rabbitmq: with the username taken from the token (--mqtt-username-claim sub) and the password kept, the re-encoded CONNECT still logs in through the OAuth 2 backend', { timeout: 30000 }, async () => {
+      const gw = await startGateway({
+        jwks: c.jwks, tls: c.tls, upstream: `ws://127.0.0.1:${c.broker.wsPort}/ws`,
+        args: ['--mqtt-username-claim', 'sub', '--mqtt-password-forward', 'keep'],
+      });
+      // The OAuth 2 backend logs the client in from the password alone: the round trip shows the rewritten CONNECT
+      // (new username, lengths recomputed) is one RabbitMQ parses, with the token still in it.
+      const { client } = await connect(gw.url('/mqtt'), {
+        ca: c.tls.certPem, protocolVersion: 4, clientId: uniqueId('kept'), username: 'ignored', password: c.jwks.mint({ sub: uniqueId('kept'), scope: scopes }),
+      });
+      try {
+        const topic = `e2e/${uniqueId('kept')}`;
+        await subscribe(client, topic, { qos: 1 });
+        const got = collect(client, topic, 1);
+        client.publish(topic, 'password kept', { qos: 1 });
+        assert.equal((await got)[0].payload, 'password kept');
+      } finally {
+        await end(client);
+        await gw.stop();
+      }
+    });
+
     test('rabbitmq: a JWT the gateway accepts but without RabbitMQ scopes is refused by the broker (Close 1002, no CONNACK)', { timeout: 30000 }, async () => {
       const password = c.jwks.mint({ scope: 'unrelated' });
       // MQTT.js: the connection just closes, with no CONNACK and so no error code.
