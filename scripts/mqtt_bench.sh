@@ -30,7 +30,8 @@
 #
 # Results go to $CARGO_TARGET_DIR/mqtt_bench/ (default target/mqtt_bench/): results.jsonl (one RESULT per run,
 # tagged), results.md and the logs. Every process started is stopped on exit. Knobs (env): RUNS, SESSIONS, RATE,
-# SECONDS_PER_RUN, WARMUP, PAYLOAD (32), GW_LOG (RUST_LOG of the gateway, default info as shipped).
+# SECONDS_PER_RUN, WARMUP, PAYLOAD (32), GW_LOG (RUST_LOG of the gateway, default info as shipped), GW_BIN (another
+# ws-gateway binary to measure, e.g. a build that has the topic ACL flags; default the one built here).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -107,7 +108,8 @@ fi
 log "building ws-gateway and ws-loadgen (release)"
 (cd "$ROOT" && cargo build --release --quiet -p ws-gateway -p ws-loadgen --bin ws-gateway --bin ws-loadgen) ||
   die "cargo build failed"
-GW=$TARGET_DIR/release/ws-gateway
+GW=${GW_BIN:-$TARGET_DIR/release/ws-gateway}
+[[ -x $GW ]] || die "no gateway binary at $GW"
 LG=$TARGET_DIR/release/ws-loadgen
 
 rm -rf "$CONF" "$LOGS"
