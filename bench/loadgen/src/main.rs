@@ -12,6 +12,9 @@
 //!   time, ending in a mix of clean closes, client and upstream resets, token expiries, admin revocations and idle
 //!   timeouts; the gateway's open file count and RSS before and after. It runs its own echo upstream
 //!   ([`upstream`]), one that resets a connection on request, and reads the gateway through [`probe`];
+//! - `mqtt` ([`mqtt`]): MQTT 3.1.1 through the gateway to a broker (`scripts/mqtt_bench.sh`): each session
+//!   CONNECTs, SUBSCRIBEs to its own topic and PUBLISHes to it at a fixed aggregate rate; round-trip latency, loss,
+//!   and the gateway's CPU per message;
 //! - `pki` ([`pki`]): a CA, a server certificate, a JWT signing key with its public key and JWKS, a token and an
 //!   admin secret, written into one directory for the scripts (no `openssl` binary); `churn` mints its tokens
 //!   ([`token`]) with the ES256 key it writes.
@@ -47,6 +50,7 @@ use ws_gateway::net::{Io, Url};
 use ws_gateway::upstream::{handshake, Handshake, UpstreamError, UpstreamRequest};
 
 mod churn;
+mod mqtt;
 mod pki;
 mod probe;
 mod token;
@@ -152,6 +156,9 @@ enum Mode {
     /// Writes a CA, a server certificate, a JWT signing key with its JWKS, a token and an admin secret into a
     /// directory: what the benchmark scripts need, without `openssl`.
     Pki(pki::PkiArgs),
+    /// MQTT 3.1.1 sessions through the gateway to a broker: CONNECT, SUBSCRIBE to an own topic, then QoS 0 PUBLISHes
+    /// at a fixed aggregate rate that come back from the broker; round-trip latency, loss and CPU per message.
+    Mqtt(Box<mqtt::MqttArgs>),
 }
 
 /// Where to connect and how.
@@ -225,6 +232,7 @@ fn main() {
             } => idle(target, sessions, hold, settle, open_concurrency).await,
             Mode::Churn(args) => churn::churn(*args).await,
             Mode::Pki(args) => pki::pki(&args).map(Some),
+            Mode::Mqtt(args) => mqtt::mqtt(*args).await,
         }
     });
     match outcome {
@@ -379,13 +387,22 @@ impl Dialer {
     /// Connect, TLS and the upgrade up to the verified 101, with `token` as the bearer: the library's client
     /// handshake, the one the gateway uses to dial its upstreams.
     async fn open_with(&self, token: Option<&str>) -> Result<Session, Failure> {
+        self.open_offering(token, &[]).await
+    }
+
+    /// As [`Dialer::open_with`], offering `protocols` in `Sec-WebSocket-Protocol` (the server must select one).
+    async fn open_offering(
+        &self,
+        token: Option<&str>,
+        protocols: &[&str],
+    ) -> Result<Session, Failure> {
         let mut io = self.connect().await?;
         let bearer = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = bearer
             .iter()
             .map(|b| ("Authorization", b.as_str()))
             .collect();
-        let req = UpstreamRequest::client(&self.url, &headers, &[]);
+        let req = UpstreamRequest::client(&self.url, &headers, protocols);
         let step = self.step;
         let Handshake { rest, .. } = tokio::time::timeout(step, handshake(&mut io, &req))
             .await
