@@ -22,6 +22,8 @@ fn policy() -> Policy {
         ],
         required_typ: None,
         limit_claim: Some("tenant".into()),
+        identity_claims: vec!["preferred_username".into()],
+        collect_roles: true,
     }
 }
 
