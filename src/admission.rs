@@ -37,6 +37,8 @@ pub(crate) struct Established<'a> {
     pub(crate) lease: Lease,
     /// The subject's place under MAX_SESSIONS_PER_SUBJECT, when that limit is on.
     pub(crate) subject_lease: Option<crate::limits::Lease>,
+    /// MQTT sessions whose packets are read (topic rules, re-authentication): what their relay needs.
+    pub(crate) inspect: Option<Box<crate::mqtt_relay::Inspect>>,
 }
 
 /// Everything before the relay; `None` when the connection was refused or went away (already answered and logged).
@@ -183,14 +185,14 @@ pub(crate) async fn establish(
     if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
         return None;
     }
-    // An MQTT route with a CONNECT rewrite: the first packet is read and rewritten before anything is forwarded.
-    let settings = crate::mqtt::settings_for(gw, route);
-    let rest = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route)
-        && settings.active(!gw.config.auth.forward_claims.is_empty())
+    // An MQTT route with a CONNECT rewrite, topic rules or re-authentication: the first packet is read (and
+    // rewritten) before anything is forwarded.
+    let (rest, inspect) = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route)
+        && crate::mqtt::reads_connect(gw, route)
     {
-        crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, &settings, deadline).await?
+        crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, route, deadline).await?
     } else {
-        rest
+        (rest, None)
     };
     gw.metrics
         .handshake_duration
@@ -212,6 +214,7 @@ pub(crate) async fn establish(
         slot,
         lease,
         subject_lease,
+        inspect,
     })
 }
 

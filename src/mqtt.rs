@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use crate::admission::{connect_upstream, Established};
 use crate::auth::source::Source;
 use crate::auth::{AuthError, Identity};
+use crate::mqtt_acl::AclSettings;
 use crate::mqtt_identity::MqttSettings;
+use crate::mqtt_relay::Inspect;
 use crate::net::Io;
 use crate::refusal::{Channel, Refusal, Refuser};
 use crate::route::Route;
@@ -337,11 +339,31 @@ pub(crate) fn settings_for(gw: &Gateway, route: &Route) -> MqttSettings {
     s
 }
 
+/// The topic rules that apply on `route`: the global settings, with the route's templates.
+pub(crate) fn acl_for(gw: &Gateway, route: &Route) -> AclSettings {
+    let mut a = gw.config.mqtt_acl.clone();
+    if let Some(t) = &route.mqtt_publish_acl {
+        a.publish = Some(t.clone());
+    }
+    if let Some(t) = &route.mqtt_subscribe_acl {
+        a.subscribe = Some(t.clone());
+    }
+    a
+}
+
+/// Whether an MQTT session on `route` must have its CONNECT read after the 101: a CONNECT rewrite, topic rules,
+/// or re-authentication (which the CONNECT declares) are on.
+pub(crate) fn reads_connect(gw: &Gateway, route: &Route) -> bool {
+    settings_for(gw, route).active(!gw.config.auth.forward_claims.is_empty())
+        || acl_for(gw, route).active()
+        || gw.config.mqtt_reauth_method.is_some()
+}
+
 /// Whether the request carries MQTT: the client offers the `mqtt` subprotocol, the upstream selected it, or the
 /// route names an MQTT setting of its own (fail closed: a broker that speaks MQTT without the subprotocol must not
-/// let a client skip the rewrite by offering none).
+/// let a client skip the rewrite or the topic rules by offering none).
 pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>, route: &Route) -> bool {
-    route.mqtt_username_claim.is_some()
+    route.has_mqtt_settings()
         || selected.is_some_and(|p| p.trim().eq_ignore_ascii_case("mqtt"))
         || head
             .values("Sec-WebSocket-Protocol")
@@ -349,25 +371,61 @@ pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>, route: &R
             .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
 }
 
-/// The bytes to forward upstream for `first` under `settings`: unchanged when no rewrite is on, else the rewritten
-/// CONNECT and the raw rest.
+/// What goes upstream first, and the inspection the session needs (`None`: the raw relay).
+pub(crate) type Forward = (Vec<u8>, Option<Box<Inspect>>);
+
+/// The bytes to forward upstream for `first` on `route`: unchanged when nothing applies; the rewritten CONNECT and
+/// the raw rest for a rewrite alone; the CONNECT alone (without the re-authentication method) and an
+/// [`Inspect`] when the session's packets are to be read.
 ///
 /// # Errors
 /// The refusal to answer on the MQTT channel: a malformed CONNECT, or an identity that may not use it.
 pub(crate) fn forward_first(
     gw: &Gateway,
-    settings: &MqttSettings,
+    route: &Route,
     identity: &Identity,
     first: FirstPacket,
-) -> Result<Vec<u8>, Refusal> {
-    if !settings.active(!gw.config.auth.forward_claims.is_empty()) {
-        return Ok(first.raw);
+) -> Result<Forward, Refusal> {
+    let settings = settings_for(gw, route);
+    let acl = acl_for(gw, route);
+    let rewrite = settings.active(!gw.config.auth.forward_claims.is_empty());
+    let mut packet = first.packet().to_vec();
+    let mut reauth = None;
+    if let (5, Some(method)) = (first.connect.level, &gw.config.mqtt_reauth_method) {
+        let mut split = crate::mqtt_identity::split_connect(&packet)?;
+        let (declared, props) = crate::mqtt_identity::take_auth(&split.properties)?;
+        if declared.as_deref() == Some(method.as_bytes()) {
+            split.properties = props;
+            packet = split.encode()?;
+            reauth = Some(method.clone());
+        }
     }
-    match crate::mqtt_identity::rewrite_connect(settings, identity, first.packet()) {
-        Ok(packet) => Ok(first.with_connect(&packet, crate::relay::mask_key())),
-        Err(Ok(e)) => Err(Refusal::Mqtt(e)),
-        Err(Err(e)) => Err(Refusal::MqttIdentity(e)),
+    if !rewrite && !acl.active() && reauth.is_none() {
+        return Ok((first.raw, None));
     }
+    if rewrite {
+        packet = match crate::mqtt_identity::rewrite_connect(&settings, identity, &packet) {
+            Ok(p) => p,
+            Err(Ok(e)) => return Err(Refusal::Mqtt(e)),
+            Err(Err(e)) => return Err(Refusal::MqttIdentity(e)),
+        };
+    }
+    if !acl.active() && reauth.is_none() {
+        return Ok((first.with_connect(&packet, crate::relay::mask_key()), None));
+    }
+    let level = first.connect.level;
+    let FirstPacket {
+        raw,
+        consumed,
+        mut payload,
+        packet_len,
+        ..
+    } = first;
+    let tail = payload.split_off(packet_len.min(payload.len()));
+    let client_raw = raw.get(consumed..).unwrap_or_default().to_vec();
+    let inspect = Inspect::new(level, acl, reauth, identity, tail, client_raw);
+    let connect = frame::encode(OP_BINARY, &packet, Some(crate::relay::mask_key()));
+    Ok((connect, Some(Box::new(inspect))))
 }
 
 /// Header, cookie and query token modes on an MQTT route with a rewrite on: after the upstream's 101 went to the
@@ -378,9 +436,9 @@ pub(crate) async fn after_upgrade(
     io: &mut Io,
     rest: Vec<u8>,
     identity: &Identity,
-    settings: &MqttSettings,
+    route: &Route,
     deadline: Instant,
-) -> Option<Vec<u8>> {
+) -> Option<Forward> {
     at.channel = Channel::Mqtt(None);
     let first = match tokio::time::timeout_at(deadline, read_first_packet(io, rest)).await {
         Ok(Ok(c)) => c,
@@ -388,8 +446,8 @@ pub(crate) async fn after_upgrade(
         Err(_) => return at.refuse(io, Refusal::HandshakeTimeout).await,
     };
     at.channel = Channel::Mqtt(Some(first.connect.level));
-    match forward_first(at.gw, settings, identity, first) {
-        Ok(bytes) => Some(bytes),
+    match forward_first(at.gw, route, identity, first) {
+        Ok(f) => Some(f),
         Err(e) => at.refuse(io, e).await,
     }
 }
@@ -454,8 +512,8 @@ pub(crate) async fn session<'a>(
         Err(e) => return at.refuse(&mut io, e.into()).await,
     };
     // The rewrite (and the client id check) before the dial: a refused CONNECT never reaches the broker.
-    let raw = match forward_first(gw, &settings_for(gw, route), &identity, first) {
-        Ok(bytes) => bytes,
+    let (raw, inspect) = match forward_first(gw, route, &identity, first) {
+        Ok(f) => f,
         Err(e) => return at.refuse(&mut io, e).await,
     };
     let (slot, connected, lease, subject_lease) =
@@ -483,6 +541,7 @@ pub(crate) async fn session<'a>(
         slot,
         lease,
         subject_lease,
+        inspect,
     })
 }
 

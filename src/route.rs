@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::CommaList;
+use crate::mqtt_acl::Template;
 use crate::net::WsUrl;
 
 /// Most upstream URLs one route lists (each may resolve to several endpoints, capped apart).
@@ -29,9 +31,22 @@ pub struct Route {
     /// `MQTT_USERNAME_CLAIM` on this route (`mqttUsernameClaim`, or `mqtt_username_claim`); `None` takes the
     /// global setting.
     pub mqtt_username_claim: Option<String>,
+    /// `MQTT_PUBLISH_ACL` on this route (`mqttPublishAcl`, or `mqtt_publish_acl`); `None` takes the global setting.
+    pub mqtt_publish_acl: Option<Vec<Template>>,
+    /// `MQTT_SUBSCRIBE_ACL` on this route (`mqttSubscribeAcl`, or `mqtt_subscribe_acl`); `None` takes the global
+    /// setting.
+    pub mqtt_subscribe_acl: Option<Vec<Template>>,
 }
 
 impl Route {
+    /// Whether the route names an MQTT setting of its own, so every session on it is MQTT.
+    #[must_use]
+    pub fn has_mqtt_settings(&self) -> bool {
+        self.mqtt_username_claim.is_some()
+            || self.mqtt_publish_acl.is_some()
+            || self.mqtt_subscribe_acl.is_some()
+    }
+
     /// The path and query to request from `upstream` (one of this route's URLs) for a client request target.
     ///
     /// An upstream URL with a path is the full target; one without (`ws://host:port` or `/`) receives the client's
@@ -117,6 +132,10 @@ struct RouteEntry {
     mqtt_connect_auth: Option<bool>,
     #[serde(default, alias = "mqtt_username_claim")]
     mqtt_username_claim: Option<String>,
+    #[serde(default, alias = "mqtt_publish_acl")]
+    mqtt_publish_acl: Option<CommaList>,
+    #[serde(default, alias = "mqtt_subscribe_acl")]
+    mqtt_subscribe_acl: Option<CommaList>,
 }
 
 /// `upstream:` as one URL (the Go format) or a list.
@@ -146,6 +165,8 @@ impl RouteTable {
                 preserve_query: true,
                 mqtt_connect_auth: None,
                 mqtt_username_claim: None,
+                mqtt_publish_acl: None,
+                mqtt_subscribe_acl: None,
             });
         }
         RouteTable { routes }
@@ -226,6 +247,14 @@ impl RouteTable {
                     ))
                 }
             };
+            let acl = |v: &Option<CommaList>, key: &str| match v {
+                None => Ok(None),
+                Some(list) => {
+                    crate::config::templates(&list.0).map_err(|m| bad(format!("{key}: {m}")))
+                }
+            };
+            let mqtt_publish_acl = acl(&e.mqtt_publish_acl, "mqttPublishAcl")?;
+            let mqtt_subscribe_acl = acl(&e.mqtt_subscribe_acl, "mqttSubscribeAcl")?;
             routes.push(Route {
                 prefix: e.prefix.clone(),
                 upstreams,
@@ -233,6 +262,8 @@ impl RouteTable {
                 preserve_query: e.preserve_query.unwrap_or(true),
                 mqtt_connect_auth: e.mqtt_connect_auth,
                 mqtt_username_claim,
+                mqtt_publish_acl,
+                mqtt_subscribe_acl,
             });
         }
         Ok(RouteTable::new(routes, fallback))
