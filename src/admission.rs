@@ -187,12 +187,33 @@ pub(crate) async fn establish(
     }
     // An MQTT route with a CONNECT rewrite, topic rules or re-authentication: the first packet is read (and
     // rewritten) before anything is forwarded.
-    let (rest, inspect) = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route)
-        && crate::mqtt::reads_connect(gw, route)
-    {
-        crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, route, deadline).await?
+    use crate::mqtt::ConnectRead;
+    let mut up = up;
+    let mut up_rest = up_rest;
+    let read = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route) {
+        crate::mqtt::reads_connect(gw, route)
     } else {
-        (rest, None)
+        ConnectRead::No
+    };
+    let (rest, inspect) = match read {
+        ConnectRead::No => (rest, None),
+        ConnectRead::Required => {
+            crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, route, deadline).await?
+        }
+        ConnectRead::Sniff => {
+            match crate::mqtt::sniff_first_packet(&mut io, &mut up, rest, &mut up_rest, deadline)
+                .await
+            {
+                Err(raw) => (raw, None),
+                Ok(first) => {
+                    at.channel = Channel::Mqtt(Some(first.connect.level));
+                    match crate::mqtt::forward_first(gw, route, &identity, first) {
+                        Ok(f) => f,
+                        Err(e) => return at.refuse(&mut io, e).await,
+                    }
+                }
+            }
+        }
     };
     gw.metrics
         .handshake_duration

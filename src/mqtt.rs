@@ -279,54 +279,117 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
     read_first_packet(io, raw).await.map(|f| (f.connect, f.raw))
 }
 
+/// The client's first frames, read incrementally (each frame is decoded once, however the bytes are split).
+struct FirstReader {
+    raw: Vec<u8>,
+    parsed: usize,
+    payload: Vec<u8>,
+}
+
+impl FirstReader {
+    /// The CONNECT once the bytes read so far hold it whole, `None` until then.
+    fn step(&mut self) -> Result<Option<FirstPacket>, MqttError> {
+        while let Some((f, used)) = frame::decode(&self.raw[self.parsed..], MAX_CONNECT_BYTES)
+            .map_err(|_| MqttError::TooLarge)?
+        {
+            self.parsed += used;
+            match f.opcode {
+                OP_BINARY | OP_CONTINUATION => self.payload.extend_from_slice(&f.payload),
+                frame::OP_CLOSE => return Err(MqttError::Closed),
+                _ => return Err(MqttError::Frame("only binary frames carry MQTT")),
+            }
+            if self.payload.len() > MAX_CONNECT_BYTES {
+                return Err(MqttError::TooLarge);
+            }
+            if let Some(connect) = parse_connect(&self.payload)? {
+                // Invariant: parse_connect found a complete packet, so its remaining length parses.
+                let packet_len = match remaining_length(self.payload.get(1..).unwrap_or_default())? {
+                    Some((len, n)) => 1 + n + len,
+                    None => return Err(MqttError::Malformed("truncated")),
+                };
+                return Ok(Some(FirstPacket {
+                    connect,
+                    raw: std::mem::take(&mut self.raw),
+                    consumed: self.parsed,
+                    payload: std::mem::take(&mut self.payload),
+                    packet_len,
+                    fin: f.fin,
+                }));
+            }
+        }
+        if self.raw.len() > MAX_CONNECT_BYTES + 14 {
+            return Err(MqttError::TooLarge);
+        }
+        Ok(None)
+    }
+}
+
 /// Reads WebSocket frames from the client until a complete CONNECT, keeping what a rewrite needs.
 ///
 /// # Errors
 /// See [`MqttError`]; I/O errors count as [`MqttError::Closed`].
 pub async fn read_first_packet<R: AsyncRead + Unpin>(
     io: &mut R,
-    mut raw: Vec<u8>,
+    raw: Vec<u8>,
 ) -> Result<FirstPacket, MqttError> {
-    let mut payload = Vec::new();
-    let mut parsed = 0;
+    let mut r = FirstReader {
+        raw,
+        parsed: 0,
+        payload: Vec::new(),
+    };
     let mut chunk = vec![0u8; 4096];
     loop {
-        while let Some((f, used)) =
-            frame::decode(&raw[parsed..], MAX_CONNECT_BYTES).map_err(|_| MqttError::TooLarge)?
-        {
-            parsed += used;
-            match f.opcode {
-                OP_BINARY | OP_CONTINUATION => payload.extend_from_slice(&f.payload),
-                frame::OP_CLOSE => return Err(MqttError::Closed),
-                _ => return Err(MqttError::Frame("only binary frames carry MQTT")),
-            }
-            if payload.len() > MAX_CONNECT_BYTES {
-                return Err(MqttError::TooLarge);
-            }
-            if let Some(connect) = parse_connect(&payload)? {
-                // Invariant: parse_connect found a complete packet, so its remaining length parses.
-                let packet_len = match remaining_length(payload.get(1..).unwrap_or_default())? {
-                    Some((len, n)) => 1 + n + len,
-                    None => return Err(MqttError::Malformed("truncated")),
-                };
-                return Ok(FirstPacket {
-                    connect,
-                    raw,
-                    consumed: parsed,
-                    payload,
-                    packet_len,
-                    fin: f.fin,
-                });
-            }
-        }
-        if raw.len() > MAX_CONNECT_BYTES + 14 {
-            return Err(MqttError::TooLarge);
+        if let Some(f) = r.step()? {
+            return Ok(f);
         }
         let n = io.read(&mut chunk).await.map_err(|_| MqttError::Closed)?;
         if n == 0 {
             return Err(MqttError::Closed);
         }
-        raw.extend_from_slice(&chunk[..n]);
+        r.raw.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Looks for a CONNECT in the client's first frames without insisting on one (re-authentication alone, which only
+/// a CONNECT declaring the method turns on): `Err` with every client byte read, to forward unchanged, as soon as
+/// the bytes are not a CONNECT, the client is gone, the upstream speaks first (its bytes are appended to
+/// `upstream_rest`: not MQTT, whose server waits for the CONNECT), or `deadline` passes.
+pub(crate) async fn sniff_first_packet(
+    client: &mut Io,
+    upstream: &mut Io,
+    raw: Vec<u8>,
+    upstream_rest: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<FirstPacket, Vec<u8>> {
+    let mut r = FirstReader {
+        raw,
+        parsed: 0,
+        payload: Vec::new(),
+    };
+    if !upstream_rest.is_empty() {
+        return Err(r.raw);
+    }
+    let mut chunk = vec![0u8; 4096];
+    let mut up = vec![0u8; 4096];
+    loop {
+        match r.step() {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {}
+            Err(_) => return Err(r.raw),
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Err(r.raw),
+            n = client.read(&mut chunk) => match n {
+                Ok(n) if n > 0 => r.raw.extend_from_slice(&chunk[..n]),
+                _ => return Err(r.raw),
+            },
+            n = upstream.read(&mut up) => {
+                if let Ok(n) = n {
+                    upstream_rest.extend_from_slice(&up[..n]);
+                }
+                return Err(r.raw);
+            }
+        }
     }
 }
 
@@ -351,12 +414,28 @@ pub(crate) fn acl_for(gw: &Gateway, route: &Route) -> AclSettings {
     a
 }
 
-/// Whether an MQTT session on `route` must have its CONNECT read after the 101: a CONNECT rewrite, topic rules,
-/// or re-authentication (which the CONNECT declares) are on.
-pub(crate) fn reads_connect(gw: &Gateway, route: &Route) -> bool {
-    settings_for(gw, route).active(!gw.config.auth.forward_claims.is_empty())
+/// How an MQTT session on `route` treats its CONNECT after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectRead {
+    /// Not read: raw bytes from the start.
+    No,
+    /// Looked for (re-authentication alone): anything else than a CONNECT leaves the session raw.
+    Sniff,
+    /// Required (a CONNECT rewrite or topic rules): anything else is refused.
+    Required,
+}
+
+/// How an MQTT session on `route` reads its CONNECT.
+pub(crate) fn reads_connect(gw: &Gateway, route: &Route) -> ConnectRead {
+    if settings_for(gw, route).active(!gw.config.auth.forward_claims.is_empty())
         || acl_for(gw, route).active()
-        || gw.config.mqtt_reauth_method.is_some()
+    {
+        ConnectRead::Required
+    } else if gw.config.mqtt_reauth_method.is_some() {
+        ConnectRead::Sniff
+    } else {
+        ConnectRead::No
+    }
 }
 
 /// Whether the request carries MQTT: the client offers the `mqtt` subprotocol, the upstream selected it, or the
