@@ -303,7 +303,8 @@ impl FirstReader {
             }
             if let Some(connect) = parse_connect(&self.payload)? {
                 // Invariant: parse_connect found a complete packet, so its remaining length parses.
-                let packet_len = match remaining_length(self.payload.get(1..).unwrap_or_default())? {
+                let packet_len = match remaining_length(self.payload.get(1..).unwrap_or_default())?
+                {
                     Some((len, n)) => 1 + n + len,
                     None => return Err(MqttError::Malformed("truncated")),
                 };
