@@ -2227,6 +2227,49 @@ ws_dial_retry_interval_seconds = 1\njwks_url = \"http://idp/jwks\"\n",
     }
 
     #[test]
+    fn topic_rules_and_the_reauth_method_default_off_and_on_and_are_checked() {
+        use crate::mqtt_acl::DenyAction;
+        let none = parse(&[]);
+        assert_eq!(none.mqtt_acl().expect("defaults"), AclSettings::default());
+        assert_eq!(
+            none.mqtt_reauth_method().expect("default"),
+            Some("jwt".into())
+        );
+        let s = parse(&[
+            "--mqtt-publish-acl",
+            "devices/{sub}/#, tenants/{claim:tenant}/#",
+            "--mqtt-subscribe-acl",
+            "",
+            "--mqtt-acl-deny-action",
+            " Disconnect ",
+            "--mqtt-reauth-method",
+            "",
+        ]);
+        let acl = s.mqtt_acl().expect("valid");
+        assert_eq!(acl.publish.as_ref().map(Vec::len), Some(2));
+        assert_eq!(acl.subscribe, None, "an empty list is no rule");
+        assert_eq!(acl.deny, DenyAction::Disconnect);
+        assert_eq!(acl.claims().collect::<Vec<_>>(), ["tenant"]);
+        assert_eq!(s.mqtt_reauth_method().expect("off"), None);
+        for (flag, value) in [
+            ("--mqtt-publish-acl", "a/{sub"),
+            ("--mqtt-subscribe-acl", "a/#/b"),
+            ("--mqtt-acl-deny-action", "drop"),
+        ] {
+            let e = parse(&[flag, value]).mqtt_acl().expect_err(flag);
+            assert!(
+                e.to_string()
+                    .contains(&flag[2..].to_ascii_uppercase().replace('-', "_")),
+                "{e}"
+            );
+        }
+        let long = "m".repeat(129);
+        assert!(parse(&["--mqtt-reauth-method", &long])
+            .mqtt_reauth_method()
+            .is_err());
+    }
+
+    #[test]
     fn boolish_flags() {
         assert_eq!(
             parse(&["--ws-require-origin"]).ws_require_origin,

@@ -326,6 +326,39 @@ mod tests {
 ";
 
     #[test]
+    fn the_topic_rules_are_route_keys_as_a_string_or_a_list_in_either_spelling() {
+        let t = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: ws://a:1\n  mqttPublishAcl: 'devices/{sub}/#, t/{claim:tenant}/#'\n\
+             - prefix: /b\n  upstream: ws://b:1\n  mqtt_subscribe_acl:\n  - 'devices/{sub}/#'\n\
+             - prefix: /c\n  upstream: ws://c:1\n",
+            "r.yaml",
+            Vec::new(),
+        )
+        .expect("valid");
+        let r = t.routes();
+        let names = |v: &Option<Vec<Template>>| {
+            v.as_ref()
+                .map(|ts| ts.iter().map(|t| t.as_str().to_owned()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            names(&r[0].mqtt_publish_acl),
+            Some(vec!["devices/{sub}/#".into(), "t/{claim:tenant}/#".into()])
+        );
+        assert_eq!(
+            names(&r[1].mqtt_subscribe_acl),
+            Some(vec!["devices/{sub}/#".into()])
+        );
+        assert!(r[0].has_mqtt_settings() && r[1].has_mqtt_settings() && !r[2].has_mqtt_settings());
+        let e = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: ws://a:1\n  mqttPublishAcl: 'a/#/b'\n",
+            "r.yaml",
+            Vec::new(),
+        )
+        .expect_err("invalid filter");
+        assert!(e.to_string().contains("mqttPublishAcl"), "{e}");
+    }
+
+    #[test]
     fn the_mqtt_username_claim_is_a_route_key_in_either_spelling() {
         let t = RouteTable::from_yaml(
             "- prefix: /a\n  upstream: ws://a:1\n  mqttUsernameClaim: sub\n\
