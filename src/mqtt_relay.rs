@@ -466,7 +466,7 @@ where
                     }
                 }
                 WsEvent::Control(op, payload) => {
-                    self.to_client(&mut out).await?;
+                    self.send_client(&mut out).await?;
                     let f = frame::encode(op, &payload, None);
                     self.down_bytes += f.len() as u64;
                     send(
@@ -480,13 +480,13 @@ where
                 }
             }
         }
-        self.to_client(&mut out).await?;
+        self.send_client(&mut out).await?;
         read.map_err(|_| EndReason::UpstreamError)?;
         self.flush_queued().await
     }
 
     /// Sends `out` (MQTT bytes) to the client as one binary frame.
-    async fn to_client(&mut self, out: &mut Vec<u8>) -> Step {
+    async fn send_client(&mut self, out: &mut Vec<u8>) -> Step {
         if out.is_empty() {
             return Ok(());
         }
@@ -508,7 +508,7 @@ where
             return Ok(());
         }
         let mut q = std::mem::take(&mut self.queued);
-        self.to_client(&mut q).await
+        self.send_client(&mut q).await
     }
 
     /// Ends the session from the gateway's side (the caller bounds it by the close grace): MQTT 5 DISCONNECT 0x87

@@ -16,6 +16,9 @@ use crate::server::Gateway;
 use crate::shutdown::ConnectionGuard;
 
 /// The relay of one session: raw bytes, or MQTT packets read (boxed: the raw session's future stays its size).
+// The raw session, the common case, stays inline (boxing it would cost an allocation per session); the rarer
+// inspected one is boxed.
+#[allow(clippy::large_enum_variant)]
 enum Relay {
     Raw(Session<Io, Io>),
     Mqtt(Box<MqttSession<Io, Io>>),
