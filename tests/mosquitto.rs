@@ -710,3 +710,67 @@ async fn mqtt5_reauthentication_extends_the_session_and_a_bad_refresh_ends_it() 
         assert!(metrics.contains(want), "{want}: {metrics}");
     }
 }
+
+/// `POST /admin/revoke` with `body`, authenticated with `secret`: the response body.
+async fn admin_revoke(gw: &Gateway, secret: &str, body: &str) -> String {
+    within(async {
+        let mut tcp = TcpStream::connect(gw.admin).await.expect("connect");
+        let req = format!(
+            "POST /admin/revoke HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await.expect("write");
+        let mut out = Vec::new();
+        tcp.read_to_end(&mut out).await.expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_inspected_session_is_revoked_by_its_refreshed_token_and_drained() {
+    let broker = mosquitto_with(None).await;
+    let env = Env::new().await;
+    let dir = TempDir::new("admin");
+    let secret_file = dir.path("admin-token");
+    std::fs::write(&secret_file, "an-admin-secret-for-tests\n").expect("write");
+    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let gw = env
+        .gateway_upstream(
+            &url,
+            &[
+                "--admin-token-file",
+                secret_file.to_str().expect("path"),
+                "--mqtt-publish-acl",
+                "devices/{sub}/#",
+                "--graceful-drain-timeout-seconds",
+                "2",
+                "--drain-spread-seconds",
+                "1",
+            ],
+        )
+        .await;
+    let token = |jti: &str| {
+        let mut c = claims("alice", 300);
+        c["jti"] = json!(jti);
+        env.signer.token(&c)
+    };
+    let mut a = Client::open(&env, &gw, &token("a-old")).await;
+    a.mqtt_connect(5, "alice-a").await;
+    a.send(&reauth(&token("a-new"))).await;
+    assert_eq!(a.packet().await.0, 0xf0);
+    // The registry follows the refresh: the old token id no longer names the session, the new one does.
+    let out = admin_revoke(&gw, "an-admin-secret-for-tests", r#"{"jti":"a-old"}"#).await;
+    assert!(out.contains("\"sessions_closed\":0"), "{out}");
+    a.ping().await;
+    let out = admin_revoke(&gw, "an-admin-secret-for-tests", r#"{"jti":"a-new"}"#).await;
+    assert!(out.contains("\"sessions_closed\":1"), "{out}");
+    assert_eq!(a.read().await, Read::Close(1008));
+    // Drain reaches inspected sessions too: Close 1001.
+    let mut b = Client::open(&env, &gw, &token("b")).await;
+    b.mqtt_connect(4, "alice-b").await;
+    b.ping().await;
+    gw.signal("TERM");
+    assert_eq!(b.read().await, Read::Close(1001));
+}
