@@ -3,7 +3,9 @@
 //! parses the MQTT 3.1, 3.1.1 or 5 CONNECT, and verifies its password as a JWT before anything reaches the upstream.
 //! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent, unless a
 //! CONNECT rewrite is on ([`crate::mqtt_identity`]): then, in every token mode, the CONNECT is read after the 101,
-//! rewritten from the verified token and sent as one masked frame, and the bytes after it stay raw.
+//! rewritten from the verified token and sent as one masked frame, and the bytes after it stay raw. With topic rules
+//! or MQTT 5 re-authentication the CONNECT is read too, and the session's packets go through
+//! [`crate::mqtt_filter`] (the relay of `mqtt_relay`) instead of the raw relay.
 
 use std::net::SocketAddr;
 

@@ -194,7 +194,7 @@ pub enum Verdict {
     Forward(Vec<u8>),
     /// Answer the client with this packet; nothing goes to the broker.
     Reply(Vec<u8>),
-    /// Outside the rules (`kind`: `publish` or `subscribe`). With [`DenyAction::Ignore`], `forward` (what is left
+    /// Outside the rules (`kind`: `publish` or `subscribe`). With [`crate::mqtt_acl::DenyAction::Ignore`], `forward` (what is left
     /// of a SUBSCRIBE) goes to the broker and `reply` (PUBACK, PUBREC, SUBACK) to the client.
     Denied {
         /// `publish` or `subscribe`.

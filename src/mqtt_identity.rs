@@ -11,7 +11,8 @@
 //!   user properties of the client with those names are removed first, so they cannot be forged;
 //! - `MQTT_CLIENT_ID_POLICY`: the client id must equal `sub`, or start with it (see [`ClientIdPolicy`]).
 //!
-//! Everything after the CONNECT stays raw bytes.
+//! Everything after the CONNECT stays raw bytes, unless topic rules or re-authentication apply
+//! ([`crate::mqtt_acl`], [`crate::mqtt_filter`]).
 
 use crate::auth::Identity;
 use crate::mqtt::MqttError;
