@@ -127,6 +127,54 @@ write("mqtt_connect", "v5_password_only", connect(5, None, b"tok", False))
 write("mqtt_connect", "v4_long_password", connect(4, b"u", b"x" * 300, True) + bytes([0xC0, 0x00]))
 write("mqtt_connect", "remaining_length_5_bytes", bytes([0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))
 
+# mqtt_stream: src/mqtt_filter.rs tests. Layout: one flags byte (bit 0: MQTT 5; the rest: the split step), then the
+# client's MQTT byte stream.
+def mqtt_packet(first, body):
+    out = bytes([first])
+    n = len(body)
+    while True:
+        b = n % 128
+        n //= 128
+        out += bytes([b | 0x80 if n else b])
+        if not n:
+            break
+    return out + body
+
+
+def mqtt_str(s):
+    s = s.encode() if isinstance(s, str) else s
+    return struct.pack(">H", len(s)) + s
+
+
+def mqtt_publish(level, qos, topic, pid, props=b""):
+    body = mqtt_str(topic) + (struct.pack(">H", pid) if qos else b"")
+    if level == 5:
+        body += bytes([len(props)]) + props
+    return mqtt_packet(0x30 | (qos << 1), body + b"payload")
+
+
+def mqtt_subscribe(level, pid, filters):
+    body = struct.pack(">H", pid) + (b"\x00" if level == 5 else b"")
+    for f in filters:
+        body += mqtt_str(f) + b"\x01"
+    return mqtt_packet(0x82, body)
+
+
+for level in (4, 5):
+    stream = (mqtt_publish(level, 1, "devices/alice/t", 7) + mqtt_publish(level, 2, "devices/bob/t", 9)
+              + b"\x62\x02\x00\x09" + mqtt_subscribe(level, 3, ["devices/bob/t", "devices/alice/+", "#"])
+              + mqtt_subscribe(level, 4, ["#"]) + b"\xc0\x00")
+    suback = mqtt_packet(0x90, b"\x00\x03" + (b"\x00" if level == 5 else b"") + b"\x01")
+    for step in (0, 1, 6):
+        write("mqtt_stream", f"v{level}-step{step}", bytes([(step << 1) | (level == 5)]) + stream + suback)
+alias = mqtt_publish(5, 0, "devices/alice/t", 0, b"\x23\x00\x01") + mqtt_publish(5, 0, "", 0, b"\x23\x00\x01")
+write("mqtt_stream", "v5-alias", b"\x01" + alias)
+auth_props = b"\x15" + mqtt_str("jwt") + b"\x16" + mqtt_str("new.token.here")
+write("mqtt_stream", "v5-auth", b"\x03" + mqtt_packet(0xf0, bytes([0x19, len(auth_props)]) + auth_props))
+write("mqtt_stream", "too-big", b"\x00\x30\xff\xff\x7f")
+write("mqtt_stream", "frames", b"\x04" + frame(0x2, b"\x30\x05\x00\x01ax", mask=b"\x01\x02\x03\x04")
+      + frame(0x9, b"p", mask=b"\x05\x06\x07\x08"))
+
 # proxy_protocol: src/proxy_protocol.rs tests
 SIG = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
 write("proxy_protocol", "v1_tcp4", "PROXY TCP4 192.0.2.1 198.51.100.1 56324 443\r\nrest")

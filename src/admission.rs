@@ -37,6 +37,8 @@ pub(crate) struct Established<'a> {
     pub(crate) lease: Lease,
     /// The subject's place under MAX_SESSIONS_PER_SUBJECT, when that limit is on.
     pub(crate) subject_lease: Option<crate::limits::Lease>,
+    /// MQTT sessions whose packets are read (topic rules, re-authentication): what their relay needs.
+    pub(crate) inspect: Option<Box<crate::mqtt_relay::Inspect>>,
 }
 
 /// Everything before the relay; `None` when the connection was refused or went away (already answered and logged).
@@ -183,14 +185,35 @@ pub(crate) async fn establish(
     if io.write_all(&response).await.is_err() || io.flush().await.is_err() {
         return None;
     }
-    // An MQTT route with a CONNECT rewrite: the first packet is read and rewritten before anything is forwarded.
-    let settings = crate::mqtt::settings_for(gw, route);
-    let rest = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route)
-        && settings.active(!gw.config.auth.forward_claims.is_empty())
-    {
-        crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, &settings, deadline).await?
+    // An MQTT route with a CONNECT rewrite, topic rules or re-authentication: the first packet is read (and
+    // rewritten) before anything is forwarded.
+    use crate::mqtt::ConnectRead;
+    let mut up = up;
+    let mut up_rest = up_rest;
+    let read = if crate::mqtt::carries_mqtt(&head, protocol.as_deref(), route) {
+        crate::mqtt::reads_connect(gw, route)
     } else {
-        rest
+        ConnectRead::No
+    };
+    let (rest, inspect) = match read {
+        ConnectRead::No => (rest, None),
+        ConnectRead::Required => {
+            crate::mqtt::after_upgrade(&mut at, &mut io, rest, &identity, route, deadline).await?
+        }
+        ConnectRead::Sniff => {
+            match crate::mqtt::sniff_first_packet(&mut io, &mut up, rest, &mut up_rest, deadline)
+                .await
+            {
+                Err(raw) => (raw, None),
+                Ok(first) => {
+                    at.channel = Channel::Mqtt(Some(first.connect.level));
+                    match crate::mqtt::forward_first(gw, route, &identity, first) {
+                        Ok(f) => f,
+                        Err(e) => return at.refuse(&mut io, e).await,
+                    }
+                }
+            }
+        }
     };
     gw.metrics
         .handshake_duration
@@ -212,6 +235,7 @@ pub(crate) async fn establish(
         slot,
         lease,
         subject_lease,
+        inspect,
     })
 }
 

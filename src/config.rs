@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::auth::origin::OriginPolicy;
 use crate::auth::Algorithm;
+use crate::mqtt_acl::{AclSettings, Template};
 use crate::mqtt_identity::MqttSettings;
 use crate::net::WsUrl;
 use crate::proxy_protocol::Cidr;
@@ -351,6 +352,26 @@ pub struct Settings {
     #[arg(long, env = "MQTT_CLIENT_ID_POLICY", value_name = "POLICY")]
     pub mqtt_client_id_policy: Option<String>,
 
+    /// MQTT routes: topic-filter templates a PUBLISH topic must match (comma list; `{sub}`, `{claim:NAME}`), e.g.
+    /// `devices/{sub}/#` (per route: `mqttPublishAcl`) [default: unchecked].
+    #[arg(long, env = "MQTT_PUBLISH_ACL", value_name = "TEMPLATE,...")]
+    pub mqtt_publish_acl: Option<CommaList>,
+
+    /// MQTT routes: topic-filter templates a SUBSCRIBE filter must lie within (comma list, as for
+    /// MQTT_PUBLISH_ACL; per route: `mqttSubscribeAcl`) [default: unchecked].
+    #[arg(long, env = "MQTT_SUBSCRIBE_ACL", value_name = "TEMPLATE,...")]
+    pub mqtt_subscribe_acl: Option<CommaList>,
+
+    /// `ignore` drops a PUBLISH or fails a SUBSCRIBE entry outside the rules; `disconnect` ends the session
+    /// (MQTT 5 DISCONNECT 0x87, Close 1008) [default: ignore].
+    #[arg(long, env = "MQTT_ACL_DENY_ACTION", value_name = "ignore|disconnect")]
+    pub mqtt_acl_deny_action: Option<String>,
+
+    /// MQTT 5 Authentication Method whose AUTH (reason 0x19) refreshes the session's token; empty turns
+    /// re-authentication off [default: jwt].
+    #[arg(long, env = "MQTT_REAUTH_METHOD", value_name = "METHOD")]
+    pub mqtt_reauth_method: Option<String>,
+
     /// Expect a PROXY protocol v1 or v2 header from trusted peers.
     #[arg(long, env = "PROXY_PROTOCOL", value_name = "BOOL", action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_parser = BoolishValueParser::new())]
@@ -582,6 +603,10 @@ impl Settings {
             mqtt_username_format,
             mqtt_password_forward,
             mqtt_client_id_policy,
+            mqtt_publish_acl,
+            mqtt_subscribe_acl,
+            mqtt_acl_deny_action,
+            mqtt_reauth_method,
             proxy_protocol,
             proxy_protocol_trusted_cidrs,
             redis_url,
@@ -665,6 +690,10 @@ impl Settings {
             mqtt_username_format: self.mqtt_username_format.or(mqtt_username_format),
             mqtt_password_forward: self.mqtt_password_forward.or(mqtt_password_forward),
             mqtt_client_id_policy: self.mqtt_client_id_policy.or(mqtt_client_id_policy),
+            mqtt_publish_acl: self.mqtt_publish_acl.or(mqtt_publish_acl),
+            mqtt_subscribe_acl: self.mqtt_subscribe_acl.or(mqtt_subscribe_acl),
+            mqtt_acl_deny_action: self.mqtt_acl_deny_action.or(mqtt_acl_deny_action),
+            mqtt_reauth_method: self.mqtt_reauth_method.or(mqtt_reauth_method),
             proxy_protocol: self.proxy_protocol.or(proxy_protocol),
             proxy_protocol_trusted_cidrs: self
                 .proxy_protocol_trusted_cidrs
@@ -724,6 +753,8 @@ impl Settings {
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let limits = self.limit_settings()?;
         let mqtt = self.mqtt_settings()?;
+        let mqtt_acl = self.mqtt_acl()?;
+        let mqtt_reauth_method = self.mqtt_reauth_method()?;
         let tls = match (self.tls_cert_file, self.tls_key_file) {
             (Some(cert), Some(key)) => {
                 crate::tls::load_certified_key(&cert, &key).map_err(|e| ConfigError::new(e.setting(), e.to_string()))?;
@@ -1216,6 +1247,8 @@ impl Settings {
             oidc_client_id: self.oidc_client_id.filter(|s| !s.is_empty()),
             limits,
             mqtt,
+            mqtt_acl,
+            mqtt_reauth_method,
             redis_url: self.redis_url.filter(|s| !s.is_empty()),
             postgres_dsn: self.postgres_dsn.filter(|s| !s.is_empty()),
             log_format: self.log_format.unwrap_or_default(),
@@ -1227,6 +1260,21 @@ impl Settings {
 /// The longest any time setting may be: a week. Deadlines are `Instant`s, and a value near `u64::MAX` seconds made
 /// the first connection panic on overflow after passing `--check-config`.
 pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+
+/// A list of topic-filter templates (`MQTT_PUBLISH_ACL`, `mqttPublishAcl`, ...), each valid; an empty list is
+/// no rule (`None`), as an empty value is no setting elsewhere.
+///
+/// # Errors
+/// The first invalid template, as a message.
+pub fn templates(list: &[String]) -> Result<Option<Vec<Template>>, String> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    list.iter()
+        .map(|t| Template::parse(t).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
 
 /// A claim name given as a setting: at most 128 printable characters; empty means unset.
 fn claim_name(v: Option<&str>, setting: &str) -> Result<Option<String>, ConfigError> {
@@ -1286,6 +1334,54 @@ impl Settings {
             password_forward,
             client_id_policy,
         })
+    }
+
+    /// `MQTT_PUBLISH_ACL`, `MQTT_SUBSCRIBE_ACL`, `MQTT_ACL_DENY_ACTION`.
+    fn mqtt_acl(&self) -> Result<AclSettings, ConfigError> {
+        use crate::mqtt_acl::DenyAction;
+        let templates = |v: &Option<CommaList>, setting: &str| match v {
+            None => Ok(None),
+            Some(list) => templates(&list.0).map_err(|e| ConfigError::new(setting, e)),
+        };
+        let deny = match self
+            .mqtt_acl_deny_action
+            .as_deref()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("ignore") => DenyAction::Ignore,
+            Some("disconnect") => DenyAction::Disconnect,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "MQTT_ACL_DENY_ACTION (--mqtt-acl-deny-action)",
+                    "must be ignore or disconnect",
+                ))
+            }
+        };
+        Ok(AclSettings {
+            publish: templates(
+                &self.mqtt_publish_acl,
+                "MQTT_PUBLISH_ACL (--mqtt-publish-acl)",
+            )?,
+            subscribe: templates(
+                &self.mqtt_subscribe_acl,
+                "MQTT_SUBSCRIBE_ACL (--mqtt-subscribe-acl)",
+            )?,
+            deny,
+        })
+    }
+
+    /// `MQTT_REAUTH_METHOD`: `jwt` unless set; empty turns it off.
+    fn mqtt_reauth_method(&self) -> Result<Option<String>, ConfigError> {
+        match self.mqtt_reauth_method.as_deref().map(str::trim) {
+            None => Ok(Some("jwt".to_owned())),
+            Some("") => Ok(None),
+            Some(m) if m.len() <= 128 && !m.chars().any(char::is_control) => Ok(Some(m.to_owned())),
+            Some(_) => Err(ConfigError::new(
+                "MQTT_REAUTH_METHOD (--mqtt-reauth-method)",
+                "must be a method name of at most 128 printable characters",
+            )),
+        }
     }
 
     /// `RATE_LIMIT_*`, `LIMIT_KEY_CLAIM`, `MAX_SESSIONS_PER_SUBJECT`, `SESSION_LEASE_SECONDS`,
@@ -1641,6 +1737,10 @@ pub struct Config {
     pub limits: LimitSettings,
     /// The MQTT CONNECT rewrite (global; routes may override the username claim).
     pub mqtt: MqttSettings,
+    /// Topic rules (global; routes may override the publish and subscribe templates).
+    pub mqtt_acl: AclSettings,
+    /// `MQTT_REAUTH_METHOD`; `None` when re-authentication is off.
+    pub mqtt_reauth_method: Option<String>,
     /// Redis URL, as given.
     pub redis_url: Option<String>,
     /// PostgreSQL DSN, as given.
@@ -2124,6 +2224,49 @@ ws_dial_retry_interval_seconds = 1\njwks_url = \"http://idp/jwks\"\n",
             let e = parse(&[flag, value]).mqtt_settings().expect_err(flag);
             assert!(e.to_string().contains(setting), "{e}");
         }
+    }
+
+    #[test]
+    fn topic_rules_and_the_reauth_method_default_off_and_on_and_are_checked() {
+        use crate::mqtt_acl::DenyAction;
+        let none = parse(&[]);
+        assert_eq!(none.mqtt_acl().expect("defaults"), AclSettings::default());
+        assert_eq!(
+            none.mqtt_reauth_method().expect("default"),
+            Some("jwt".into())
+        );
+        let s = parse(&[
+            "--mqtt-publish-acl",
+            "devices/{sub}/#, tenants/{claim:tenant}/#",
+            "--mqtt-subscribe-acl",
+            "",
+            "--mqtt-acl-deny-action",
+            " Disconnect ",
+            "--mqtt-reauth-method",
+            "",
+        ]);
+        let acl = s.mqtt_acl().expect("valid");
+        assert_eq!(acl.publish.as_ref().map(Vec::len), Some(2));
+        assert_eq!(acl.subscribe, None, "an empty list is no rule");
+        assert_eq!(acl.deny, DenyAction::Disconnect);
+        assert_eq!(acl.claims().collect::<Vec<_>>(), ["tenant"]);
+        assert_eq!(s.mqtt_reauth_method().expect("off"), None);
+        for (flag, value) in [
+            ("--mqtt-publish-acl", "a/{sub"),
+            ("--mqtt-subscribe-acl", "a/#/b"),
+            ("--mqtt-acl-deny-action", "drop"),
+        ] {
+            let e = parse(&[flag, value]).mqtt_acl().expect_err(flag);
+            assert!(
+                e.to_string()
+                    .contains(&flag[2..].to_ascii_uppercase().replace('-', "_")),
+                "{e}"
+            );
+        }
+        let long = "m".repeat(129);
+        assert!(parse(&["--mqtt-reauth-method", &long])
+            .mqtt_reauth_method()
+            .is_err());
     }
 
     #[test]

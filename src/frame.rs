@@ -23,6 +23,8 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code: policy violation (token expired, revoked, not authorized).
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: message too big (an MQTT packet over the inspected session's bound).
+pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code: try again later (session limit).
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
 /// Close code: bad gateway (the upstream is unavailable).

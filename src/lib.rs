@@ -22,6 +22,10 @@
 //!   set headers, and reading the first CONNECT in every token mode when a rewrite is on;
 //! - [`mqtt_identity`]: the verified identity in the CONNECT (username from a claim, password drop, user
 //!   properties, client id policy): split, rewrite, re-encode;
+//! - [`mqtt_acl`]: topic rules from claims (templates, wildcard matching, filter containment);
+//! - [`mqtt_filter`]: the packet streams of an inspected MQTT session (frames on any split, client packets checked,
+//!   SUBACKs rewritten); `mqtt_relay`: the relay used instead of `relay` for those sessions (topic rules, MQTT 5
+//!   re-authentication);
 //! - `limits`: per-subject connection rate and session cap, shared through the store;
 //! - `session`: session accounting, what is counted and logged when a relayed session ends;
 //! - `registry`: live sessions by subject and token id, closable from outside;
@@ -49,7 +53,10 @@ pub mod logging;
 mod memory;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_acl;
+pub mod mqtt_filter;
 pub mod mqtt_identity;
+mod mqtt_relay;
 pub mod net;
 mod pending;
 pub mod proxy_protocol;
@@ -179,19 +186,28 @@ pub async fn run(
     ));
     let mut policy = auth::jwt::Policy::from_settings(&config.auth);
     policy.limit_claim = config.limits.key_claim.clone();
-    // The claims the MQTT CONNECT rewrite may need, on any route.
-    for claim in std::iter::once(&config.mqtt.username_claim)
-        .chain(
-            config
-                .routes
-                .routes()
+    // The claims the MQTT CONNECT rewrite and the topic rules may need, on any route.
+    let routes = config.routes.routes();
+    let acl_claims = config
+        .mqtt_acl
+        .claims()
+        .chain(routes.iter().flat_map(|r| {
+            r.mqtt_publish_acl
                 .iter()
-                .map(|r| &r.mqtt_username_claim),
-        )
+                .chain(r.mqtt_subscribe_acl.iter())
+                .flatten()
+                .flat_map(mqtt_acl::Template::claims)
+        }))
+        .map(str::to_owned);
+    let claims: Vec<String> = std::iter::once(&config.mqtt.username_claim)
+        .chain(routes.iter().map(|r| &r.mqtt_username_claim))
         .flatten()
-    {
-        if !policy.identity_claims.contains(claim) {
-            policy.identity_claims.push(claim.clone());
+        .cloned()
+        .chain(acl_claims)
+        .collect();
+    for claim in claims {
+        if !policy.identity_claims.contains(&claim) {
+            policy.identity_claims.push(claim);
         }
     }
     policy.collect_roles = config.mqtt.username_format == mqtt_identity::UsernameFormat::Go;

@@ -110,6 +110,10 @@ pub struct Metrics {
     pub session_leases: Gauge,
     /// Per-subject limit decisions taken per process because the store could not answer, by limit.
     pub limit_fallbacks: Family<Labels1, Counter>,
+    /// MQTT 5 token refreshes (AUTH 0x19), by result (`ok`, `refused`).
+    pub mqtt_reauth: Family<Labels1, Counter>,
+    /// Client packets outside the topic rules, by kind (`publish`, `subscribe`).
+    pub mqtt_acl_denied: Family<Labels1, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,6 +159,8 @@ impl Metrics {
             rate_limit_violations: Family::default(),
             session_leases: Gauge::default(),
             limit_fallbacks: Family::default(),
+            mqtt_reauth: Family::default(),
+            mqtt_acl_denied: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -307,6 +313,16 @@ impl Metrics {
             "ws_limit_fallbacks",
             "Per-subject limit decisions taken per process because the state store could not answer",
             m.limit_fallbacks.clone(),
+        );
+        registry.register(
+            "ws_mqtt_reauth",
+            "MQTT 5 token refreshes (AUTH 0x19) by result: ok or refused",
+            m.mqtt_reauth.clone(),
+        );
+        registry.register(
+            "ws_mqtt_acl_denied",
+            "Client MQTT packets outside the topic rules, by kind: publish or subscribe",
+            m.mqtt_acl_denied.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -3,7 +3,9 @@
 //! parses the MQTT 3.1, 3.1.1 or 5 CONNECT, and verifies its password as a JWT before anything reaches the upstream.
 //! The raw frames read are then forwarded unchanged, so the broker sees exactly what the client sent, unless a
 //! CONNECT rewrite is on ([`crate::mqtt_identity`]): then, in every token mode, the CONNECT is read after the 101,
-//! rewritten from the verified token and sent as one masked frame, and the bytes after it stay raw.
+//! rewritten from the verified token and sent as one masked frame, and the bytes after it stay raw. With topic rules
+//! or MQTT 5 re-authentication the CONNECT is read too, and the session's packets go through
+//! [`crate::mqtt_filter`] (the relay of `mqtt_relay`) instead of the raw relay.
 
 use std::net::SocketAddr;
 
@@ -13,7 +15,9 @@ use tokio::time::Instant;
 use crate::admission::{connect_upstream, Established};
 use crate::auth::source::Source;
 use crate::auth::{AuthError, Identity};
+use crate::mqtt_acl::AclSettings;
 use crate::mqtt_identity::MqttSettings;
+use crate::mqtt_relay::Inspect;
 use crate::net::Io;
 use crate::refusal::{Channel, Refusal, Refuser};
 use crate::route::Route;
@@ -277,54 +281,118 @@ pub async fn read_connect<R: AsyncRead + Unpin>(
     read_first_packet(io, raw).await.map(|f| (f.connect, f.raw))
 }
 
+/// The client's first frames, read incrementally (each frame is decoded once, however the bytes are split).
+struct FirstReader {
+    raw: Vec<u8>,
+    parsed: usize,
+    payload: Vec<u8>,
+}
+
+impl FirstReader {
+    /// The CONNECT once the bytes read so far hold it whole, `None` until then.
+    fn step(&mut self) -> Result<Option<FirstPacket>, MqttError> {
+        while let Some((f, used)) = frame::decode(&self.raw[self.parsed..], MAX_CONNECT_BYTES)
+            .map_err(|_| MqttError::TooLarge)?
+        {
+            self.parsed += used;
+            match f.opcode {
+                OP_BINARY | OP_CONTINUATION => self.payload.extend_from_slice(&f.payload),
+                frame::OP_CLOSE => return Err(MqttError::Closed),
+                _ => return Err(MqttError::Frame("only binary frames carry MQTT")),
+            }
+            if self.payload.len() > MAX_CONNECT_BYTES {
+                return Err(MqttError::TooLarge);
+            }
+            if let Some(connect) = parse_connect(&self.payload)? {
+                // Invariant: parse_connect found a complete packet, so its remaining length parses.
+                let packet_len = match remaining_length(self.payload.get(1..).unwrap_or_default())?
+                {
+                    Some((len, n)) => 1 + n + len,
+                    None => return Err(MqttError::Malformed("truncated")),
+                };
+                return Ok(Some(FirstPacket {
+                    connect,
+                    raw: std::mem::take(&mut self.raw),
+                    consumed: self.parsed,
+                    payload: std::mem::take(&mut self.payload),
+                    packet_len,
+                    fin: f.fin,
+                }));
+            }
+        }
+        if self.raw.len() > MAX_CONNECT_BYTES + 14 {
+            return Err(MqttError::TooLarge);
+        }
+        Ok(None)
+    }
+}
+
 /// Reads WebSocket frames from the client until a complete CONNECT, keeping what a rewrite needs.
 ///
 /// # Errors
 /// See [`MqttError`]; I/O errors count as [`MqttError::Closed`].
 pub async fn read_first_packet<R: AsyncRead + Unpin>(
     io: &mut R,
-    mut raw: Vec<u8>,
+    raw: Vec<u8>,
 ) -> Result<FirstPacket, MqttError> {
-    let mut payload = Vec::new();
-    let mut parsed = 0;
+    let mut r = FirstReader {
+        raw,
+        parsed: 0,
+        payload: Vec::new(),
+    };
     let mut chunk = vec![0u8; 4096];
     loop {
-        while let Some((f, used)) =
-            frame::decode(&raw[parsed..], MAX_CONNECT_BYTES).map_err(|_| MqttError::TooLarge)?
-        {
-            parsed += used;
-            match f.opcode {
-                OP_BINARY | OP_CONTINUATION => payload.extend_from_slice(&f.payload),
-                frame::OP_CLOSE => return Err(MqttError::Closed),
-                _ => return Err(MqttError::Frame("only binary frames carry MQTT")),
-            }
-            if payload.len() > MAX_CONNECT_BYTES {
-                return Err(MqttError::TooLarge);
-            }
-            if let Some(connect) = parse_connect(&payload)? {
-                // Invariant: parse_connect found a complete packet, so its remaining length parses.
-                let packet_len = match remaining_length(payload.get(1..).unwrap_or_default())? {
-                    Some((len, n)) => 1 + n + len,
-                    None => return Err(MqttError::Malformed("truncated")),
-                };
-                return Ok(FirstPacket {
-                    connect,
-                    raw,
-                    consumed: parsed,
-                    payload,
-                    packet_len,
-                    fin: f.fin,
-                });
-            }
-        }
-        if raw.len() > MAX_CONNECT_BYTES + 14 {
-            return Err(MqttError::TooLarge);
+        if let Some(f) = r.step()? {
+            return Ok(f);
         }
         let n = io.read(&mut chunk).await.map_err(|_| MqttError::Closed)?;
         if n == 0 {
             return Err(MqttError::Closed);
         }
-        raw.extend_from_slice(&chunk[..n]);
+        r.raw.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Looks for a CONNECT in the client's first frames without insisting on one (re-authentication alone, which only
+/// a CONNECT declaring the method turns on): `Err` with every client byte read, to forward unchanged, as soon as
+/// the bytes are not a CONNECT, the client is gone, the upstream speaks first (its bytes are appended to
+/// `upstream_rest`: not MQTT, whose server waits for the CONNECT), or `deadline` passes.
+pub(crate) async fn sniff_first_packet(
+    client: &mut Io,
+    upstream: &mut Io,
+    raw: Vec<u8>,
+    upstream_rest: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<FirstPacket, Vec<u8>> {
+    let mut r = FirstReader {
+        raw,
+        parsed: 0,
+        payload: Vec::new(),
+    };
+    if !upstream_rest.is_empty() {
+        return Err(r.raw);
+    }
+    let mut chunk = vec![0u8; 4096];
+    let mut up = vec![0u8; 4096];
+    loop {
+        match r.step() {
+            Ok(Some(f)) => return Ok(f),
+            Ok(None) => {}
+            Err(_) => return Err(r.raw),
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Err(r.raw),
+            n = client.read(&mut chunk) => match n {
+                Ok(n) if n > 0 => r.raw.extend_from_slice(&chunk[..n]),
+                _ => return Err(r.raw),
+            },
+            n = upstream.read(&mut up) => {
+                if let Ok(n) = n {
+                    upstream_rest.extend_from_slice(&up[..n]);
+                }
+                return Err(r.raw);
+            }
+        }
     }
 }
 
@@ -337,11 +405,47 @@ pub(crate) fn settings_for(gw: &Gateway, route: &Route) -> MqttSettings {
     s
 }
 
+/// The topic rules that apply on `route`: the global settings, with the route's templates.
+pub(crate) fn acl_for(gw: &Gateway, route: &Route) -> AclSettings {
+    let mut a = gw.config.mqtt_acl.clone();
+    if let Some(t) = &route.mqtt_publish_acl {
+        a.publish = Some(t.clone());
+    }
+    if let Some(t) = &route.mqtt_subscribe_acl {
+        a.subscribe = Some(t.clone());
+    }
+    a
+}
+
+/// How an MQTT session on `route` treats its CONNECT after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectRead {
+    /// Not read: raw bytes from the start.
+    No,
+    /// Looked for (re-authentication alone): anything else than a CONNECT leaves the session raw.
+    Sniff,
+    /// Required (a CONNECT rewrite or topic rules): anything else is refused.
+    Required,
+}
+
+/// How an MQTT session on `route` reads its CONNECT.
+pub(crate) fn reads_connect(gw: &Gateway, route: &Route) -> ConnectRead {
+    if settings_for(gw, route).active(!gw.config.auth.forward_claims.is_empty())
+        || acl_for(gw, route).active()
+    {
+        ConnectRead::Required
+    } else if gw.config.mqtt_reauth_method.is_some() {
+        ConnectRead::Sniff
+    } else {
+        ConnectRead::No
+    }
+}
+
 /// Whether the request carries MQTT: the client offers the `mqtt` subprotocol, the upstream selected it, or the
 /// route names an MQTT setting of its own (fail closed: a broker that speaks MQTT without the subprotocol must not
-/// let a client skip the rewrite by offering none).
+/// let a client skip the rewrite or the topic rules by offering none).
 pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>, route: &Route) -> bool {
-    route.mqtt_username_claim.is_some()
+    route.has_mqtt_settings()
         || selected.is_some_and(|p| p.trim().eq_ignore_ascii_case("mqtt"))
         || head
             .values("Sec-WebSocket-Protocol")
@@ -349,25 +453,61 @@ pub(crate) fn carries_mqtt(head: &RequestHead, selected: Option<&str>, route: &R
             .any(|p| p.trim().eq_ignore_ascii_case("mqtt"))
 }
 
-/// The bytes to forward upstream for `first` under `settings`: unchanged when no rewrite is on, else the rewritten
-/// CONNECT and the raw rest.
+/// What goes upstream first, and the inspection the session needs (`None`: the raw relay).
+pub(crate) type Forward = (Vec<u8>, Option<Box<Inspect>>);
+
+/// The bytes to forward upstream for `first` on `route`: unchanged when nothing applies; the rewritten CONNECT and
+/// the raw rest for a rewrite alone; the CONNECT alone (without the re-authentication method) and an
+/// [`Inspect`] when the session's packets are to be read.
 ///
 /// # Errors
 /// The refusal to answer on the MQTT channel: a malformed CONNECT, or an identity that may not use it.
 pub(crate) fn forward_first(
     gw: &Gateway,
-    settings: &MqttSettings,
+    route: &Route,
     identity: &Identity,
     first: FirstPacket,
-) -> Result<Vec<u8>, Refusal> {
-    if !settings.active(!gw.config.auth.forward_claims.is_empty()) {
-        return Ok(first.raw);
+) -> Result<Forward, Refusal> {
+    let settings = settings_for(gw, route);
+    let acl = acl_for(gw, route);
+    let rewrite = settings.active(!gw.config.auth.forward_claims.is_empty());
+    let mut packet = first.packet().to_vec();
+    let mut reauth = None;
+    if let (5, Some(method)) = (first.connect.level, &gw.config.mqtt_reauth_method) {
+        let mut split = crate::mqtt_identity::split_connect(&packet)?;
+        let (declared, props) = crate::mqtt_identity::take_auth(&split.properties)?;
+        if declared.as_deref() == Some(method.as_bytes()) {
+            split.properties = props;
+            packet = split.encode()?;
+            reauth = Some(method.clone());
+        }
     }
-    match crate::mqtt_identity::rewrite_connect(settings, identity, first.packet()) {
-        Ok(packet) => Ok(first.with_connect(&packet, crate::relay::mask_key())),
-        Err(Ok(e)) => Err(Refusal::Mqtt(e)),
-        Err(Err(e)) => Err(Refusal::MqttIdentity(e)),
+    if !rewrite && !acl.active() && reauth.is_none() {
+        return Ok((first.raw, None));
     }
+    if rewrite {
+        packet = match crate::mqtt_identity::rewrite_connect(&settings, identity, &packet) {
+            Ok(p) => p,
+            Err(Ok(e)) => return Err(Refusal::Mqtt(e)),
+            Err(Err(e)) => return Err(Refusal::MqttIdentity(e)),
+        };
+    }
+    if !acl.active() && reauth.is_none() {
+        return Ok((first.with_connect(&packet, crate::relay::mask_key()), None));
+    }
+    let level = first.connect.level;
+    let FirstPacket {
+        raw,
+        consumed,
+        mut payload,
+        packet_len,
+        ..
+    } = first;
+    let tail = payload.split_off(packet_len.min(payload.len()));
+    let client_raw = raw.get(consumed..).unwrap_or_default().to_vec();
+    let inspect = Inspect::new(level, acl, reauth, identity, tail, client_raw);
+    let connect = frame::encode(OP_BINARY, &packet, Some(crate::relay::mask_key()));
+    Ok((connect, Some(Box::new(inspect))))
 }
 
 /// Header, cookie and query token modes on an MQTT route with a rewrite on: after the upstream's 101 went to the
@@ -378,9 +518,9 @@ pub(crate) async fn after_upgrade(
     io: &mut Io,
     rest: Vec<u8>,
     identity: &Identity,
-    settings: &MqttSettings,
+    route: &Route,
     deadline: Instant,
-) -> Option<Vec<u8>> {
+) -> Option<Forward> {
     at.channel = Channel::Mqtt(None);
     let first = match tokio::time::timeout_at(deadline, read_first_packet(io, rest)).await {
         Ok(Ok(c)) => c,
@@ -388,8 +528,8 @@ pub(crate) async fn after_upgrade(
         Err(_) => return at.refuse(io, Refusal::HandshakeTimeout).await,
     };
     at.channel = Channel::Mqtt(Some(first.connect.level));
-    match forward_first(at.gw, settings, identity, first) {
-        Ok(bytes) => Some(bytes),
+    match forward_first(at.gw, route, identity, first) {
+        Ok(f) => Some(f),
         Err(e) => at.refuse(io, e).await,
     }
 }
@@ -454,8 +594,8 @@ pub(crate) async fn session<'a>(
         Err(e) => return at.refuse(&mut io, e.into()).await,
     };
     // The rewrite (and the client id check) before the dial: a refused CONNECT never reaches the broker.
-    let raw = match forward_first(gw, &settings_for(gw, route), &identity, first) {
-        Ok(bytes) => bytes,
+    let (raw, inspect) = match forward_first(gw, route, &identity, first) {
+        Ok(f) => f,
         Err(e) => return at.refuse(&mut io, e).await,
     };
     let (slot, connected, lease, subject_lease) =
@@ -483,6 +623,7 @@ pub(crate) async fn session<'a>(
         slot,
         lease,
         subject_lease,
+        inspect,
     })
 }
 

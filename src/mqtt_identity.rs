@@ -11,7 +11,8 @@
 //!   user properties of the client with those names are removed first, so they cannot be forged;
 //! - `MQTT_CLIENT_ID_POLICY`: the client id must equal `sub`, or start with it (see [`ClientIdPolicy`]).
 //!
-//! Everything after the CONNECT stays raw bytes.
+//! Everything after the CONNECT stays raw bytes, unless topic rules or re-authentication apply
+//! ([`crate::mqtt_acl`], [`crate::mqtt_filter`]).
 
 use crate::auth::Identity;
 use crate::mqtt::MqttError;
@@ -354,6 +355,39 @@ fn set_user_properties(
     Ok(out)
 }
 
+/// The Authentication Method (0x15) of an MQTT 5 CONNECT's property list, and the list without it and without the
+/// Authentication Data (0x16): what the broker gets when the gateway handles re-authentication itself.
+///
+/// # Errors
+/// A property list that does not parse.
+pub fn take_auth(props: &[u8]) -> Result<(Option<Vec<u8>>, Vec<u8>), MqttError> {
+    let mut r = Reader { buf: props, pos: 0 };
+    let mut out = Vec::with_capacity(props.len());
+    let mut method = None;
+    while r.pos < props.len() {
+        let start = r.pos;
+        let keep = match r.varint()? {
+            0x11 | 0x27 => r.take(4).map(|_| true)?,
+            0x21 | 0x22 => r.take(2).map(|_| true)?,
+            0x19 | 0x17 => r.take(1).map(|_| true)?,
+            0x15 => {
+                method = Some(r.binary()?.to_vec());
+                false
+            }
+            0x16 => r.binary().map(|_| false)?,
+            0x26 => {
+                r.binary()?;
+                r.binary().map(|_| true)?
+            }
+            _ => return Err(MqttError::Malformed("unknown CONNECT property")),
+        };
+        if keep {
+            out.extend_from_slice(&props[start..r.pos]);
+        }
+    }
+    Ok((method, out))
+}
+
 /// Whether `client_id` fits `policy` for `subject`.
 #[must_use]
 pub fn client_id_allowed(policy: ClientIdPolicy, client_id: &[u8], subject: Option<&str>) -> bool {
@@ -650,6 +684,19 @@ mod tests {
             rewrite_connect(&MqttSettings::default(), &id, &bad),
             Err(Ok(_))
         ));
+    }
+
+    #[test]
+    fn the_authentication_method_and_data_are_taken_out() {
+        let mut props = vec![0x11, 0, 0, 0, 10, 0x15];
+        field(&mut props, b"jwt");
+        props.push(0x16);
+        field(&mut props, b"a.b.c");
+        props.extend_from_slice(&[0x21, 0, 5]);
+        let (method, rest) = take_auth(&props).expect("valid");
+        assert_eq!(method.as_deref(), Some(&b"jwt"[..]));
+        assert_eq!(rest, [0x11, 0, 0, 0, 10, 0x21, 0, 5]);
+        assert!(take_auth(&[0x15, 0, 9]).is_err());
     }
 
     #[test]

@@ -23,8 +23,23 @@ pub struct CloseRequest {
 pub struct SessionControl {
     notify: Notify,
     request: Mutex<Option<CloseRequest>>,
-    /// Who and where.
+    /// Who and where, as the session started.
     pub info: SessionInfo,
+    /// The token of an MQTT 5 re-authentication, once the session has refreshed it.
+    refreshed: Mutex<Option<Refreshed>>,
+}
+
+/// The fields a token refresh changes in [`SessionInfo`].
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// `jti` of the new token.
+    pub token_id: Option<String>,
+    /// `sid` of the new token.
+    pub session_id: Option<String>,
+    /// `iat` of the new token.
+    pub issued_at: Option<i64>,
+    /// `exp` of the new token.
+    pub expires_at: i64,
 }
 
 impl SessionControl {
@@ -35,6 +50,37 @@ impl SessionControl {
             notify: Notify::new(),
             request: Mutex::new(None),
             info,
+            refreshed: Mutex::new(None),
+        }
+    }
+
+    /// Records a token refresh: revocations by `jti` or `sid` and the admin API see the new token from now on.
+    pub fn refresh(&self, token: Refreshed) {
+        if let Ok(mut r) = self.refreshed.lock() {
+            *r = Some(token);
+        }
+    }
+
+    /// What the registry knows now: [`SessionControl::info`] with the latest refresh applied.
+    #[must_use]
+    pub fn current(&self) -> SessionInfo {
+        let mut info = self.info.clone();
+        if let Some(r) = self.refreshed.lock().ok().and_then(|r| r.clone()) {
+            info.token_id = r.token_id;
+            info.session_id = r.session_id;
+            info.issued_at = r.issued_at;
+            info.expires_at = r.expires_at;
+        }
+        info
+    }
+
+    /// `pick` on the current view, cloning only for a refreshed session.
+    fn matches(&self, pick: &impl Fn(&SessionInfo) -> bool) -> bool {
+        let refreshed = self.refreshed.lock().map(|r| r.is_some()).unwrap_or(false);
+        if refreshed {
+            pick(&self.current())
+        } else {
+            pick(&self.info)
         }
     }
 
@@ -138,8 +184,8 @@ impl Registry {
             |_| Vec::new(),
             |s| {
                 s.values()
-                    .filter(|c| pick(&c.info))
-                    .map(|c| c.info.clone())
+                    .filter(|c| c.matches(&pick))
+                    .map(|c| c.current())
                     .collect()
             },
         )
@@ -151,7 +197,7 @@ impl Registry {
             return 0;
         };
         let mut n = 0;
-        for control in s.values().filter(|c| pick(&c.info)) {
+        for control in s.values().filter(|c| c.matches(&pick)) {
             control.close(request);
             n += 1;
         }
@@ -209,7 +255,15 @@ mod tests {
         };
         assert_eq!(reg.close_subject("alice", req), 1);
         assert_eq!(a.control.requested().await, req);
-        assert_eq!(reg.close_token("bob-jti", req), 1);
+        b.control.refresh(Refreshed {
+            token_id: Some("bob-jti-2".into()),
+            session_id: None,
+            issued_at: None,
+            expires_at: 9,
+        });
+        assert_eq!(reg.close_token("bob-jti", req), 0, "the old token is gone");
+        assert_eq!(reg.close_token("bob-jti-2", req), 1);
+        assert_eq!(reg.sessions_where(|i| i.expires_at == 9).len(), 1);
         assert_eq!(reg.len(), 2);
         drop(b);
         assert_eq!(reg.len(), 1);

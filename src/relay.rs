@@ -87,6 +87,13 @@ pub(crate) enum EndReason {
     /// The upstream ended its stream without a WebSocket Close while the client was not closing: the client gets
     /// Close 1014 instead of a bare end of stream.
     UpstreamEof,
+    /// An inspected MQTT session broke the rules with `MQTT_ACL_DENY_ACTION=disconnect`, or a token refresh was
+    /// refused: MQTT 5 DISCONNECT 0x87, then Close 1008.
+    NotAuthorized,
+    /// An inspected MQTT session sent a malformed packet or frame: Close 1002.
+    ProtocolError,
+    /// An inspected MQTT session sent a packet over its bound: Close 1009.
+    TooBig,
 }
 
 impl EndReason {
@@ -105,6 +112,9 @@ impl EndReason {
             EndReason::ClientError => "client_error",
             EndReason::UpstreamError => "upstream_error",
             EndReason::UpstreamEof => "upstream_eof",
+            EndReason::NotAuthorized => "not_authorized",
+            EndReason::ProtocolError => "protocol_error",
+            EndReason::TooBig => "message_too_big",
         }
     }
 
@@ -135,6 +145,18 @@ impl EndReason {
             EndReason::UpstreamError | EndReason::UpstreamEof => Some(CloseRequest {
                 code: frame::CLOSE_UNAVAILABLE,
                 reason: "bad gateway",
+            }),
+            EndReason::NotAuthorized => Some(CloseRequest {
+                code: frame::CLOSE_POLICY,
+                reason: "not authorized",
+            }),
+            EndReason::ProtocolError => Some(CloseRequest {
+                code: frame::CLOSE_PROTOCOL_ERROR,
+                reason: "protocol error",
+            }),
+            EndReason::TooBig => Some(CloseRequest {
+                code: frame::CLOSE_TOO_BIG,
+                reason: "message too big",
             }),
             EndReason::Closed | EndReason::WriteTimeout | EndReason::ClientError => None,
         }

@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::CommaList;
+use crate::mqtt_acl::Template;
 use crate::net::WsUrl;
 
 /// Most upstream URLs one route lists (each may resolve to several endpoints, capped apart).
@@ -29,9 +31,22 @@ pub struct Route {
     /// `MQTT_USERNAME_CLAIM` on this route (`mqttUsernameClaim`, or `mqtt_username_claim`); `None` takes the
     /// global setting.
     pub mqtt_username_claim: Option<String>,
+    /// `MQTT_PUBLISH_ACL` on this route (`mqttPublishAcl`, or `mqtt_publish_acl`); `None` takes the global setting.
+    pub mqtt_publish_acl: Option<Vec<Template>>,
+    /// `MQTT_SUBSCRIBE_ACL` on this route (`mqttSubscribeAcl`, or `mqtt_subscribe_acl`); `None` takes the global
+    /// setting.
+    pub mqtt_subscribe_acl: Option<Vec<Template>>,
 }
 
 impl Route {
+    /// Whether the route names an MQTT setting of its own, so every session on it is MQTT.
+    #[must_use]
+    pub fn has_mqtt_settings(&self) -> bool {
+        self.mqtt_username_claim.is_some()
+            || self.mqtt_publish_acl.is_some()
+            || self.mqtt_subscribe_acl.is_some()
+    }
+
     /// The path and query to request from `upstream` (one of this route's URLs) for a client request target.
     ///
     /// An upstream URL with a path is the full target; one without (`ws://host:port` or `/`) receives the client's
@@ -117,6 +132,10 @@ struct RouteEntry {
     mqtt_connect_auth: Option<bool>,
     #[serde(default, alias = "mqtt_username_claim")]
     mqtt_username_claim: Option<String>,
+    #[serde(default, alias = "mqtt_publish_acl")]
+    mqtt_publish_acl: Option<CommaList>,
+    #[serde(default, alias = "mqtt_subscribe_acl")]
+    mqtt_subscribe_acl: Option<CommaList>,
 }
 
 /// `upstream:` as one URL (the Go format) or a list.
@@ -146,6 +165,8 @@ impl RouteTable {
                 preserve_query: true,
                 mqtt_connect_auth: None,
                 mqtt_username_claim: None,
+                mqtt_publish_acl: None,
+                mqtt_subscribe_acl: None,
             });
         }
         RouteTable { routes }
@@ -226,6 +247,14 @@ impl RouteTable {
                     ))
                 }
             };
+            let acl = |v: &Option<CommaList>, key: &str| match v {
+                None => Ok(None),
+                Some(list) => {
+                    crate::config::templates(&list.0).map_err(|m| bad(format!("{key}: {m}")))
+                }
+            };
+            let mqtt_publish_acl = acl(&e.mqtt_publish_acl, "mqttPublishAcl")?;
+            let mqtt_subscribe_acl = acl(&e.mqtt_subscribe_acl, "mqttSubscribeAcl")?;
             routes.push(Route {
                 prefix: e.prefix.clone(),
                 upstreams,
@@ -233,6 +262,8 @@ impl RouteTable {
                 preserve_query: e.preserve_query.unwrap_or(true),
                 mqtt_connect_auth: e.mqtt_connect_auth,
                 mqtt_username_claim,
+                mqtt_publish_acl,
+                mqtt_subscribe_acl,
             });
         }
         Ok(RouteTable::new(routes, fallback))
@@ -293,6 +324,39 @@ mod tests {
 - prefix: /raw
   upstream: wss://backend.internal
 ";
+
+    #[test]
+    fn the_topic_rules_are_route_keys_as_a_string_or_a_list_in_either_spelling() {
+        let t = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: ws://a:1\n  mqttPublishAcl: 'devices/{sub}/#, t/{claim:tenant}/#'\n\
+             - prefix: /b\n  upstream: ws://b:1\n  mqtt_subscribe_acl:\n  - 'devices/{sub}/#'\n\
+             - prefix: /c\n  upstream: ws://c:1\n",
+            "r.yaml",
+            Vec::new(),
+        )
+        .expect("valid");
+        let r = t.routes();
+        let names = |v: &Option<Vec<Template>>| {
+            v.as_ref()
+                .map(|ts| ts.iter().map(|t| t.as_str().to_owned()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            names(&r[0].mqtt_publish_acl),
+            Some(vec!["devices/{sub}/#".into(), "t/{claim:tenant}/#".into()])
+        );
+        assert_eq!(
+            names(&r[1].mqtt_subscribe_acl),
+            Some(vec!["devices/{sub}/#".into()])
+        );
+        assert!(r[0].has_mqtt_settings() && r[1].has_mqtt_settings() && !r[2].has_mqtt_settings());
+        let e = RouteTable::from_yaml(
+            "- prefix: /a\n  upstream: ws://a:1\n  mqttPublishAcl: 'a/#/b'\n",
+            "r.yaml",
+            Vec::new(),
+        )
+        .expect_err("invalid filter");
+        assert!(e.to_string().contains("mqttPublishAcl"), "{e}");
+    }
 
     #[test]
     fn the_mqtt_username_claim_is_a_route_key_in_either_spelling() {

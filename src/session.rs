@@ -8,10 +8,21 @@ use tokio::time::Instant;
 
 use crate::admission::Established;
 use crate::auth::jwt::unix_now;
+use crate::mqtt_relay::MqttSession;
+use crate::net::Io;
 use crate::registry::SessionInfo;
 use crate::relay::{EndReason, Limits, Session};
 use crate::server::Gateway;
 use crate::shutdown::ConnectionGuard;
+
+/// The relay of one session: raw bytes, or MQTT packets read (boxed: the raw session's future stays its size).
+// The raw session, the common case, stays inline (boxing it would cost an allocation per session); the rarer
+// inspected one is boxed.
+#[allow(clippy::large_enum_variant)]
+enum Relay {
+    Raw(Session<Io, Io>),
+    Mqtt(Box<MqttSession<Io, Io>>),
+}
 
 /// Sets a session up synchronously and returns the future that relays it.
 ///
@@ -36,6 +47,7 @@ pub(crate) fn relay<'a>(
         slot,
         lease,
         subject_lease,
+        inspect,
     } = est;
     let leeway = i64::try_from(gw.config.auth.leeway.as_secs()).unwrap_or(0);
     let remaining = (identity.expires_at + leeway - unix_now()).max(0);
@@ -60,21 +72,38 @@ pub(crate) fn relay<'a>(
         close_grace: gw.config.timeouts.write.min(Duration::from_secs(5)),
         messages: gw.config.message_rate,
     };
-    let mut session = Session::new(
-        client,
-        upstream,
-        client_rest,
-        upstream_rest,
-        limits,
-        Some(expires_at),
-    );
+    // Only inspected MQTT sessions (topic rules, re-authentication) pay for reading packets.
+    let mut relay = match inspect {
+        None => Relay::Raw(Session::new(
+            client,
+            upstream,
+            client_rest,
+            upstream_rest,
+            limits,
+            Some(expires_at),
+        )),
+        Some(inspect) => Relay::Mqtt(Box::new(MqttSession::new(
+            client,
+            upstream,
+            client_rest,
+            upstream_rest,
+            inspect,
+            limits,
+            expires_at,
+        ))),
+    };
     gw.metrics.active_sessions.inc();
     let info = &registration.control.info;
     tracing::debug!(event = "session_start", peer = %info.peer, route = %route.prefix,
         subject = info.subject.as_deref().unwrap_or(""), token_source = source.name(), "session started");
     let started = Instant::now();
     async move {
-        let outcome = session.run(gw.signal.clone(), &registration.control).await;
+        let outcome = match &mut relay {
+            Relay::Raw(session) => session.run(gw.signal.clone(), &registration.control).await,
+            Relay::Mqtt(session) => {
+                Box::pin(session.run(gw, gw.signal.clone(), &registration.control)).await
+            }
+        };
         let duration = started.elapsed();
         gw.metrics.active_sessions.dec();
         gw.metrics.session_duration.observe(duration.as_secs_f64());
@@ -112,7 +141,7 @@ pub(crate) fn relay<'a>(
             close_delivered = outcome.close_sent,
             "session ended"
         );
-        drop(session);
+        drop(relay);
         drop(registration);
         drop(subject_lease);
         drop(slot);

@@ -52,6 +52,12 @@ fn each_bad_setting_is_named() {
     let dir = TempDir::new("cfg");
     let bad_routes = dir.path("routes.yaml");
     std::fs::write(&bad_routes, "- prefix: /a\n  upstream: http://not-ws/\n").expect("write");
+    let bad_acl_routes = dir.path("acl-routes.yaml");
+    std::fs::write(
+        &bad_acl_routes,
+        "- prefix: /a\n  upstream: ws://a:1/\n  mqttSubscribeAcl: ['devices/{claim:}/#']\n",
+    )
+    .expect("write");
     let garbage = dir.path("garbage.pem");
     std::fs::write(&garbage, "not pem").expect("write");
     let cert = pki.gw_cert.to_str().expect("p");
@@ -159,6 +165,31 @@ fn each_bad_setting_is_named() {
             vec![],
             vec![("READINESS_REQUIRES_UPSTREAM", "maybe")],
             "READINESS_REQUIRES_UPSTREAM (--readiness-requires-upstream)",
+        ),
+        (
+            vec!["--mqtt-publish-acl", "devices/{sub}/#,a/#/b"],
+            vec![],
+            "MQTT_PUBLISH_ACL (--mqtt-publish-acl)",
+        ),
+        (
+            vec![],
+            vec![("MQTT_SUBSCRIBE_ACL", "devices/{user}/#")],
+            "MQTT_SUBSCRIBE_ACL (--mqtt-subscribe-acl)",
+        ),
+        (
+            vec!["--mqtt-acl-deny-action", "kick"],
+            vec![],
+            "MQTT_ACL_DENY_ACTION (--mqtt-acl-deny-action)",
+        ),
+        (
+            vec![],
+            vec![("MQTT_REAUTH_METHOD", "jwt\u{7}")],
+            "MQTT_REAUTH_METHOD (--mqtt-reauth-method)",
+        ),
+        (
+            vec!["--route-file", bad_acl_routes.to_str().expect("p")],
+            vec![],
+            "mqttSubscribeAcl",
         ),
     ];
     for (args, extra, needle) in cases {
@@ -277,4 +308,34 @@ fn every_key_of_the_example_file_reaches_the_settings() {
         );
     }
     assert!(keys >= 40, "only {keys} keys found");
+}
+
+#[test]
+fn the_topic_rules_and_reauthentication_are_set_by_flag_env_and_file() {
+    let dir = TempDir::new("cfg");
+    let routes = dir.path("routes.yaml");
+    std::fs::write(
+        &routes,
+        "- prefix: /a\n  upstream: ws://a:1/\n  mqttPublishAcl: devices/{sub}/#, t/{claim:tenant}/#\n\
+- prefix: /b\n  upstream: ws://b:1/\n  mqtt_subscribe_acl: ['devices/{sub}/#']\n",
+    )
+    .expect("write");
+    let file = dir.path("gw.toml");
+    std::fs::write(
+        &file,
+        "mqtt_publish_acl = [\"devices/{sub}/#\"]\nmqtt_acl_deny_action = \"disconnect\"\nmqtt_reauth_method = \"\"\n",
+    )
+    .expect("write");
+    let (code, out) = check(
+        &[
+            "--config",
+            file.to_str().expect("p"),
+            "--route-file",
+            routes.to_str().expect("p"),
+            "--mqtt-subscribe-acl",
+            "devices/{sub}/+/t,$share/g/x",
+        ],
+        &[BASE, &[("MQTT_REAUTH_METHOD", "token")]].concat(),
+    );
+    assert_eq!(code, 0, "{out}");
 }

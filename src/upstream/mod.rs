@@ -488,6 +488,8 @@ X-Forwarded-Proto: https\r\nUser-Agent: t\r\n\r\n";
             preserve_query: true,
             mqtt_connect_auth: None,
             mqtt_username_claim: None,
+            mqtt_publish_acl: None,
+            mqtt_subscribe_acl: None,
         };
         let identity = Identity {
             subject: Some("alice".into()),

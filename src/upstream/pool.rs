@@ -596,6 +596,8 @@ mod tests {
             preserve_query: true,
             mqtt_connect_auth: None,
             mqtt_username_claim: None,
+            mqtt_publish_acl: None,
+            mqtt_subscribe_acl: None,
         };
         let settings = UpstreamSettings {
             dns_refresh: Duration::from_secs(10),
