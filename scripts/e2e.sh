@@ -115,4 +115,16 @@ start=$(date +%s)
 rc=0
 node --test --test-concurrency=1 "$@" tests/e2e/ || rc=$?
 log "node --test exited $rc after $(( $(date +%s) - start )) s"
+
+# Eclipse Paho (Python) against the topic rules: paho-mqtt pinned in a venv under target/.
+if [[ $# -eq 0 ]]; then
+  venv="${CARGO_TARGET_DIR:-target}/e2e-venv"
+  if ! "$venv/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
+    log "pip install paho-mqtt==2.1.0 into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check paho-mqtt==2.1.0 || rc=1
+  fi
+  loadgen="${WS_LOADGEN_BIN:-$(dirname "$WS_GATEWAY_BIN")/ws-loadgen}"
+  "$venv/bin/python" tests/e2e/paho_edge.py "$WS_GATEWAY_BIN" "$loadgen" || rc=1
+fi
 exit $rc
