@@ -56,34 +56,52 @@ pub enum MqttError {
     Closed,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// Bytes that end too early or break an MQTT rule, as the packet readers report them: every caller's error type
+/// takes it as its own "malformed" case.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Malformed(pub(crate) &'static str);
+
+impl From<Malformed> for MqttError {
+    fn from(e: Malformed) -> Self {
+        MqttError::Malformed(e.0)
+    }
+}
+
+/// A cursor over one MQTT packet (or a part of it): every read is bounds-checked, none panics.
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], MqttError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|e| *e <= self.buf.len())
-            .ok_or(MqttError::Malformed("truncated"))?;
+            .ok_or(Malformed("truncated"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, MqttError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, Malformed> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, MqttError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, Malformed> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
-    fn binary(&mut self) -> Result<&'a [u8], MqttError> {
+    /// Two-byte length, then that many bytes.
+    pub(crate) fn binary(&mut self) -> Result<&'a [u8], Malformed> {
         let n = usize::from(self.u16()?);
         self.take(n)
     }
-    fn varint(&mut self) -> Result<usize, MqttError> {
+    /// A length-prefixed UTF-8 string.
+    pub(crate) fn string(&mut self) -> Result<&'a str, Malformed> {
+        std::str::from_utf8(self.binary()?).map_err(|_| Malformed("string not UTF-8"))
+    }
+    /// A variable byte integer (at most four bytes).
+    pub(crate) fn varint(&mut self) -> Result<usize, Malformed> {
         let mut value = 0usize;
         for i in 0..4 {
             let b = self.u8()?;
@@ -92,9 +110,11 @@ impl<'a> Reader<'a> {
                 return Ok(value);
             }
         }
-        Err(MqttError::Malformed(
-            "variable byte integer longer than 4 bytes",
-        ))
+        Err(Malformed("variable byte integer longer than 4 bytes"))
+    }
+    /// Whether every byte has been read.
+    pub(crate) fn done(&self) -> bool {
+        self.pos == self.buf.len()
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use crate::mqtt::{Malformed, Reader};
 use crate::mqtt_acl::SessionRules;
 
 /// Largest client packet an inspected session accepts (fixed header included): 256 KiB.
@@ -27,6 +28,12 @@ pub enum FilterError {
     /// A packet (or frame) that breaks the protocol: Close 1002.
     #[error("malformed MQTT packet: {0}")]
     Malformed(&'static str),
+}
+
+impl From<Malformed> for FilterError {
+    fn from(e: Malformed) -> Self {
+        FilterError::Malformed(e.0)
+    }
 }
 
 /// What one WebSocket frame reader saw.
@@ -238,51 +245,6 @@ enum Broker {
     Lost,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FilterError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|e| *e <= self.buf.len())
-            .ok_or(FilterError::Malformed("truncated"))?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, FilterError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, FilterError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn binary(&mut self) -> Result<&'a [u8], FilterError> {
-        let n = usize::from(self.u16()?);
-        self.take(n)
-    }
-    fn string(&mut self) -> Result<&'a str, FilterError> {
-        std::str::from_utf8(self.binary()?).map_err(|_| FilterError::Malformed("string not UTF-8"))
-    }
-    fn varint(&mut self) -> Result<usize, FilterError> {
-        let mut value = 0usize;
-        for i in 0..4 {
-            let b = self.u8()?;
-            value |= usize::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(FilterError::Malformed("variable byte integer too long"))
-    }
-    fn done(&self) -> bool {
-        self.pos == self.buf.len()
-    }
-}
 
 /// The fixed header at the start of `buf`: `Ok(None)` while incomplete, else (remaining length, header length).
 fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, FilterError> {

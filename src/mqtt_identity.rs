@@ -15,7 +15,7 @@
 //! ([`crate::mqtt_acl`], [`crate::mqtt_filter`]).
 
 use crate::auth::Identity;
-use crate::mqtt::MqttError;
+use crate::mqtt::{MqttError, Reader};
 
 /// How the username is written (`MQTT_USERNAME_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -120,47 +120,6 @@ pub struct ConnectPacket {
     pub password: Option<Vec<u8>>,
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], MqttError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|e| *e <= self.buf.len())
-            .ok_or(MqttError::Malformed("truncated"))?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, MqttError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, MqttError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn binary(&mut self) -> Result<&'a [u8], MqttError> {
-        let n = usize::from(self.u16()?);
-        self.take(n)
-    }
-    fn varint(&mut self) -> Result<usize, MqttError> {
-        let mut value = 0usize;
-        for i in 0..4 {
-            let b = self.u8()?;
-            value |= usize::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(MqttError::Malformed(
-            "variable byte integer longer than 4 bytes",
-        ))
-    }
-}
 
 /// Splits a complete CONNECT packet (fixed header included, nothing after it) into its fields. The caller has
 /// already checked it with [`crate::mqtt::parse_connect`]; this is the second, field-keeping pass.
