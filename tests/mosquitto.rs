@@ -11,9 +11,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::mosquitto::Mosquitto;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -23,96 +23,11 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
 use ws_gateway::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION};
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-struct Mosquitto {
-    child: Child,
-    mqtt: u16,
-    ws: u16,
-    _dir: TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 async fn mosquitto() -> Mosquitto {
-    mosquitto_with(Some(
+    Mosquitto::with_acl(Some(
         "user watcher\ntopic read devices/#\n\npattern readwrite devices/%u/#\n",
     ))
     .await
-}
-
-/// A Mosquitto with the ACL file `acl`, or with none (every client may do everything: the gateway's topic rules
-/// are then all there is).
-async fn mosquitto_with(acl: Option<&str>) -> Mosquitto {
-    assert!(
-        std::path::Path::new(MOSQUITTO).exists(),
-        "{MOSQUITTO} is missing: apt-get install mosquitto"
-    );
-    let dir = TempDir::new("mosquitto");
-    let (mqtt, ws) = (free_port(), free_port());
-    let acl_path = dir.path("acl");
-    let acl_line = match acl {
-        Some(text) => {
-            std::fs::write(&acl_path, text).expect("acl");
-            format!("acl_file {}\n", acl_path.display())
-        }
-        None => {
-            std::fs::write(&acl_path, "").expect("acl");
-            String::new()
-        }
-    };
-    let acl = acl_path;
-    let conf = dir.path("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "per_listener_settings false\nallow_anonymous true\n{acl_line}persistence false\n\
-             listener {mqtt} 127.0.0.1\nprotocol mqtt\n\
-             listener {ws} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n"
-        ),
-    )
-    .expect("conf");
-    // Mosquitto drops root to the `mosquitto` user, which must read its files.
-    use std::os::unix::fs::PermissionsExt;
-    for p in [&dir.0, &acl, &conf] {
-        let mode = if p.is_dir() { 0o755 } else { 0o644 };
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    }
-    let child = Command::new(MOSQUITTO)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mosquitto");
-    let m = Mosquitto {
-        child,
-        mqtt,
-        ws,
-        _dir: dir,
-    };
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", m.ws)).await.is_ok()
-            && TcpStream::connect(("127.0.0.1", m.mqtt)).await.is_ok()
-        {
-            return m;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("mosquitto did not start");
 }
 
 fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -174,7 +89,7 @@ async fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
 
 /// A client of the broker's plain listener, subscribed to `devices/#`.
 async fn watcher(broker: &Mosquitto) -> TcpStream {
-    let mut s = within(TcpStream::connect(("127.0.0.1", broker.mqtt)))
+    let mut s = within(TcpStream::connect(broker.mqtt))
         .await
         .expect("connect");
     within(s.write_all(&connect("watcher", "watcher", None)))
@@ -258,7 +173,7 @@ async fn alice_as_bob(
 async fn the_username_claim_confines_a_client_to_its_own_topics_in_mosquitto() {
     let broker = mosquitto().await;
     let env = Env::new().await;
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let gw = env
         .gateway_upstream(&url, &["--mqtt-username-claim", "sub"])
         .await;
@@ -466,9 +381,9 @@ const PUBLISH_ACL: [&str; 4] = [
 
 #[tokio::test]
 async fn the_publish_rules_drop_other_topics_and_the_session_stays_up() {
-    let broker = mosquitto_with(None).await;
+    let broker = Mosquitto::start().await;
     let env = Env::new().await;
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let gw = env.gateway_upstream(&url, &PUBLISH_ACL).await;
     for level in [4u8, 5] {
         let mut watcher = watcher(&broker).await;
@@ -529,9 +444,9 @@ async fn the_publish_rules_drop_other_topics_and_the_session_stays_up() {
 
 #[tokio::test]
 async fn the_subscribe_rules_fail_the_denied_entries_and_keep_the_allowed_ones() {
-    let broker = mosquitto_with(None).await;
+    let broker = Mosquitto::start().await;
     let env = Env::new().await;
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let gw = env
         .gateway_upstream(&url, &["--mqtt-subscribe-acl", "devices/{sub}/#"])
         .await;
@@ -568,9 +483,9 @@ async fn the_subscribe_rules_fail_the_denied_entries_and_keep_the_allowed_ones()
 
 #[tokio::test]
 async fn the_disconnect_action_ends_the_session_with_0x87_and_1008() {
-    let broker = mosquitto_with(None).await;
+    let broker = Mosquitto::start().await;
     let env = Env::new().await;
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let mut args = PUBLISH_ACL.to_vec();
     args.extend(["--mqtt-acl-deny-action", "disconnect"]);
     let gw = env.gateway_upstream(&url, &args).await;
@@ -589,9 +504,9 @@ async fn the_disconnect_action_ends_the_session_with_0x87_and_1008() {
 
 #[tokio::test]
 async fn hostile_packets_and_claims_do_not_get_past_the_rules() {
-    let broker = mosquitto_with(None).await;
+    let broker = Mosquitto::start().await;
     let env = Env::new().await;
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let gw = env
         .gateway_upstream(&url, &["--mqtt-publish-acl", "devices/{claim:tenant}/#"])
         .await;
@@ -663,9 +578,9 @@ fn reauth(token: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn mqtt5_reauthentication_extends_the_session_and_a_bad_refresh_ends_it() {
-    let broker = mosquitto_with(None).await;
+    let broker = Mosquitto::start().await;
     let env = Env::new().await;
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let gw = env
         .gateway_upstream(&url, &["--jwt-leeway-seconds", "0"])
         .await;
@@ -730,12 +645,12 @@ async fn admin_revoke(gw: &Gateway, secret: &str, body: &str) -> String {
 
 #[tokio::test]
 async fn an_inspected_session_is_revoked_by_its_refreshed_token_and_drained() {
-    let broker = mosquitto_with(None).await;
+    let broker = Mosquitto::start().await;
     let env = Env::new().await;
     let dir = TempDir::new("admin");
     let secret_file = dir.path("admin-token");
     std::fs::write(&secret_file, "an-admin-secret-for-tests\n").expect("write");
-    let url = format!("ws://127.0.0.1:{}/mqtt", broker.ws);
+    let url = format!("ws://{}/mqtt", broker.ws);
     let gw = env
         .gateway_upstream(
             &url,

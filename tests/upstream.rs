@@ -7,11 +7,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::mosquitto::Mosquitto;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -956,67 +956,6 @@ async fn the_mqtt_connect_path_with_every_endpoint_down_gets_connack_unavailable
         assert_eq!(close, code, "level {level}");
     }
     stop(gw).await;
-}
-
-/// A private Mosquitto 2.0: a websockets listener and the plain MQTT listener it needs to start, on loopback.
-struct Mosquitto {
-    child: Child,
-    ws: SocketAddr,
-    mqtt: SocketAddr,
-    _dir: TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-impl Mosquitto {
-    async fn start() -> Mosquitto {
-        let dir = TempDir::new("mosquitto");
-        let (ws, mqtt) = (free_port(), free_port());
-        let conf = dir.path("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {ws} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n\
-listener {mqtt} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"
-            ),
-        )
-        .expect("config");
-        let child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed");
-        let m = Mosquitto {
-            child,
-            ws: SocketAddr::from(([127, 0, 0, 1], ws)),
-            mqtt: SocketAddr::from(([127, 0, 0, 1], mqtt)),
-            _dir: dir,
-        };
-        within(async {
-            while TcpStream::connect(m.ws).await.is_err()
-                || TcpStream::connect(m.mqtt).await.is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        m
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Reads MQTT packets from WebSocket frames until one of type `kind` (high nibble); returns its bytes.

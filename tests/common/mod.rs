@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod mosquitto;
 pub mod stores;
 
 use std::io::{BufRead, BufReader};
