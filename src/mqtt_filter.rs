@@ -245,7 +245,6 @@ enum Broker {
     Lost,
 }
 
-
 /// The fixed header at the start of `buf`: `Ok(None)` while incomplete, else (remaining length, header length).
 fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, FilterError> {
     let mut value = 0usize;

@@ -120,7 +120,6 @@ pub struct ConnectPacket {
     pub password: Option<Vec<u8>>,
 }
 
-
 /// Splits a complete CONNECT packet (fixed header included, nothing after it) into its fields. The caller has
 /// already checked it with [`crate::mqtt::parse_connect`]; this is the second, field-keeping pass.
 ///
