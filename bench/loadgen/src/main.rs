@@ -436,6 +436,82 @@ fn upgrade_failure(e: UpstreamError) -> Failure {
     }
 }
 
+/// What an open-loop schedule wrote: messages in the warm-up and after it, the measured lags (ns behind schedule),
+/// the writers back, and which of them broke.
+struct Sent<W> {
+    warm: u64,
+    measured: u64,
+    lags: Vec<u64>,
+    writers: Vec<W>,
+    broken: Vec<bool>,
+}
+
+/// Writes one message every `1/rate` s from `epoch` for `total`, round robin over `writers`, on the calling std
+/// thread (std sleeps are precise to tens of microseconds, tokio's timer to 1 ms). `message(i, k, sched)` builds the
+/// frame for session `i`, write number `k`, scheduled `sched` ns after `epoch`. A write that does not complete within
+/// `step` marks its session broken, and it is skipped from then on.
+#[allow(clippy::too_many_arguments)]
+fn open_loop<W: tokio::io::AsyncWrite + Unpin>(
+    handle: &tokio::runtime::Handle,
+    mut writers: Vec<W>,
+    epoch: Instant,
+    total: Duration,
+    warm: Duration,
+    rate: f64,
+    step: Duration,
+    mut message: impl FnMut(usize, u64, u64) -> Vec<u8>,
+) -> Sent<W> {
+    let total_ns = total.as_nanos() as u64;
+    let warm_ns = warm.as_nanos() as u64;
+    let interval = 1e9 / rate;
+    let mut sent = Sent {
+        warm: 0,
+        measured: 0,
+        lags: Vec::new(),
+        broken: vec![false; writers.len()],
+        writers: Vec::new(),
+    };
+    let mut k = 0u64;
+    while !writers.is_empty() {
+        let sched = (k as f64 * interval) as u64;
+        if sched >= total_ns {
+            break;
+        }
+        k += 1;
+        let at = epoch + Duration::from_nanos(sched);
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        }
+        let i = ((k - 1) % writers.len() as u64) as usize;
+        if sent.broken[i] {
+            continue;
+        }
+        let lag = (epoch.elapsed().as_nanos() as u64).saturating_sub(sched);
+        let bytes = message(i, k, sched);
+        let wr = &mut writers[i];
+        let wrote = handle.block_on(async {
+            tokio::time::timeout(step, async {
+                wr.write_all(&bytes).await?;
+                wr.flush().await
+            })
+            .await
+        });
+        if !matches!(wrote, Ok(Ok(()))) {
+            sent.broken[i] = true;
+            continue;
+        }
+        if sched >= warm_ns {
+            sent.measured += 1;
+            sent.lags.push(lag);
+        } else {
+            sent.warm += 1;
+        }
+    }
+    sent.writers = writers;
+    sent
+}
+
 /// A per-frame masking key (clients must mask; the value does not matter to a benchmark).
 fn mask_key(n: u64) -> [u8; 4] {
     // Invariant: the truncation keeps the low 32 bits, which is all a masking key needs.
@@ -901,61 +977,29 @@ async fn latency(
     // room in its buffer completes at once; a blocked one waits under the step timeout and counts as late.
     let handle = tokio::runtime::Handle::current();
     let schedule = std::thread::spawn(move || {
-        let total_ns = total.as_nanos() as u64;
-        let interval = 1e9 / rate;
-        let mut lags = Vec::new();
-        let mut sent_warm = 0u64;
-        let mut sent_measured = 0u64;
-        let mut broken = vec![false; writers.len()];
         let mut body = vec![0u8; payload];
-        let mut k = 0u64;
-        loop {
-            let sched = (k as f64 * interval) as u64;
-            if sched >= total_ns {
-                break;
-            }
-            k += 1;
-            let at = epoch + Duration::from_nanos(sched);
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-            // Invariant: `writers` is not empty (sessions >= 1).
-            let i = ((k - 1) % writers.len() as u64) as usize;
-            if broken[i] {
-                continue;
-            }
-            let lag = (epoch.elapsed().as_nanos() as u64).saturating_sub(sched);
-            body[..8].copy_from_slice(&sched.to_le_bytes());
-            let bytes = frame::encode(OP_BINARY, &body, Some(mask_key(k)));
-            let wr = &mut writers[i];
-            let wrote = handle.block_on(async {
-                tokio::time::timeout(step, async {
-                    wr.write_all(&bytes).await?;
-                    wr.flush().await
-                })
-                .await
-            });
-            if !matches!(wrote, Ok(Ok(()))) {
-                broken[i] = true;
-                continue;
-            }
-            if sched >= warm_ns {
-                sent_measured += 1;
-                lags.push(lag);
-            } else {
-                sent_warm += 1;
-            }
-        }
+        let mut sent = open_loop(
+            &handle,
+            writers,
+            epoch,
+            total,
+            warm,
+            rate,
+            step,
+            |_, k, sched| {
+                body[..8].copy_from_slice(&sched.to_le_bytes());
+                frame::encode(OP_BINARY, &body, Some(mask_key(k)))
+            },
+        );
         let close = frame::close_frame(frame::CLOSE_NORMAL, "", Some(mask_key(0)));
-        for (wr, broken) in writers.iter_mut().zip(&broken) {
+        for (wr, broken) in sent.writers.iter_mut().zip(&sent.broken) {
             if !broken {
                 let _ = handle
                     .block_on(async { tokio::time::timeout(step, wr.write_all(&close)).await });
             }
         }
-        let broken = broken.iter().filter(|b| **b).count() as u64;
-        (sent_warm, sent_measured, lags, broken)
+        let broken = sent.broken.iter().filter(|b| **b).count() as u64;
+        (sent.warm, sent.measured, sent.lags, broken)
     });
 
     let cpu_started = tokio::time::sleep_until((epoch + warm).into());

@@ -27,8 +27,8 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use ws_gateway::frame::{self, OP_BINARY, OP_CONTINUATION};
 
 use crate::{
-    check_sessions, failure, mask_key, ns_to_us, quantile, read_frame, round3, secs, CpuMeter,
-    Dialer, Errors, Failure, Session, Target,
+    check_sessions, failure, mask_key, ns_to_us, open_loop, quantile, read_frame, round3, secs,
+    CpuMeter, Dialer, Errors, Failure, Session, Target,
 };
 use codec::{CodecError, Packet};
 
@@ -412,53 +412,28 @@ pub(crate) async fn mqtt(args: MqttArgs) -> Result<Option<Value>, String> {
     // timeout, then its session counts as broken and is skipped.
     let handle = tokio::runtime::Handle::current();
     let schedule = std::thread::spawn(move || {
-        let total_ns = total.as_nanos() as u64;
-        let interval = 1e9 / rate;
-        let mut lags = Vec::new();
-        let mut sent_warm = 0u64;
-        let mut sent_measured = 0u64;
-        let mut broken = vec![false; writers.len()];
-        let mut k = 0u64;
-        loop {
-            let sched = (k as f64 * interval) as u64;
-            if sched >= total_ns {
-                break;
-            }
-            k += 1;
-            let at = epoch + Duration::from_nanos(sched);
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-            // Invariant: `writers` is not empty (sessions >= 1) and as long as `templates`.
-            let i = ((k - 1) % writers.len() as u64) as usize;
-            if broken[i] {
-                continue;
-            }
-            let lag = (epoch.elapsed().as_nanos() as u64).saturating_sub(sched);
-            let (packet, offset) = &mut templates[i];
-            packet[*offset..*offset + STAMP].copy_from_slice(&sched.to_le_bytes());
-            let bytes = frame::encode(OP_BINARY, &packet[..], Some(mask_key(k)));
-            let wr = &mut writers[i];
-            let wrote = handle.block_on(async {
-                tokio::time::timeout(step, async {
-                    wr.write_all(&bytes).await?;
-                    wr.flush().await
-                })
-                .await
-            });
-            if !matches!(wrote, Ok(Ok(()))) {
-                broken[i] = true;
-                continue;
-            }
-            if sched >= warm_ns {
-                sent_measured += 1;
-                lags.push(lag);
-            } else {
-                sent_warm += 1;
-            }
-        }
-        (sent_warm, sent_measured, lags, broken, writers)
+        let sent = open_loop(
+            &handle,
+            writers,
+            epoch,
+            total,
+            warm,
+            rate,
+            step,
+            |i, k, sched| {
+                // Invariant: `templates` is as long as `writers`.
+                let (packet, offset) = &mut templates[i];
+                packet[*offset..*offset + STAMP].copy_from_slice(&sched.to_le_bytes());
+                frame::encode(OP_BINARY, &packet[..], Some(mask_key(k)))
+            },
+        );
+        (
+            sent.warm,
+            sent.measured,
+            sent.lags,
+            sent.broken,
+            sent.writers,
+        )
     });
 
     tokio::time::sleep_until((epoch + warm).into()).await;
