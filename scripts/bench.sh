@@ -48,39 +48,10 @@ die() { log "FATAL: $*"; exit 1; }
 
 # ---------------------------------------------------------------------------------------------------------------
 # Processes: every one started is recorded here and killed on exit.
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT
+# shellcheck source=scripts/procs.sh
+source "$ROOT/scripts/procs.sh"
+trap kill_all EXIT
 trap 'exit 130' INT TERM
-
-# stop PID: ends one process started here and forgets it.
-stop() {
-  local pid=$1 keep=() p
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
-# wait_tcp HOST PORT: up to 10 s for a listener.
-wait_tcp() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  return 1
-}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tools

@@ -50,26 +50,10 @@ log() { printf '[churn %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 
 # Every process started is recorded here and stopped on exit.
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT
+# shellcheck source=scripts/procs.sh
+source "$ROOT/scripts/procs.sh"
+trap kill_all EXIT
 trap 'exit 130' INT TERM
-
-# wait_tcp HOST PORT: up to 10 s for a listener.
-wait_tcp() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  return 1
-}
 
 for tool in python3 curl; do command -v "$tool" >/dev/null || die "$tool is needed"; done
 # The gateway holds two sockets per session; the load generator holds the client's and the upstream's.
