@@ -100,17 +100,7 @@ async fn the_mqtt_connect_path_with_the_upstream_down_gets_connack_unavailable_a
         body.extend_from_slice(&(f.len() as u16).to_be_bytes());
         body.extend_from_slice(f.as_bytes());
     }
-    let mut packet = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let b = (len % 128) as u8;
-        len /= 128;
-        packet.push(if len > 0 { b | 0x80 } else { b });
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend_from_slice(&body);
+    let packet = common::mqtt::packet(0x10, &body);
     let frame =
         ws_gateway::frame::encode(ws_gateway::frame::OP_BINARY, &packet, Some([5, 6, 7, 8]));
     within(s.write_all(&frame)).await.expect("write");

@@ -14,6 +14,7 @@ mod common;
 use std::time::Duration;
 
 use common::mosquitto::Mosquitto;
+use common::mqtt::{field, packet, varint};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -28,26 +29,6 @@ async fn mosquitto() -> Mosquitto {
         "user watcher\ntopic read devices/#\n\npattern readwrite devices/%u/#\n",
     ))
     .await
-}
-
-fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![kind];
-    let mut len = body.len();
-    loop {
-        let b = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { b | 0x80 } else { b });
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn field(b: &mut Vec<u8>, v: &[u8]) {
-    b.extend_from_slice(&(v.len() as u16).to_be_bytes());
-    b.extend_from_slice(v);
 }
 
 /// A 3.1.1 CONNECT with a username and, when given, a password.
@@ -538,12 +519,7 @@ async fn hostile_packets_and_claims_do_not_get_past_the_rules() {
     c.ping().await;
     // Oversized: a PUBLISH announcing 300 KiB gets Close 1009 before its body arrives.
     let mut big = vec![0x30];
-    let mut n = 300 * 1024;
-    while n > 0 {
-        let b = (n % 128) as u8;
-        n /= 128;
-        big.push(if n > 0 { b | 0x80 } else { b });
-    }
+    varint(&mut big, 300 * 1024);
     big.extend_from_slice(&[0, 1, b'a']);
     c.send(&big).await;
     assert_eq!(c.read().await, Read::Close(1009));
@@ -563,15 +539,7 @@ fn reauth(token: &str) -> Vec<u8> {
     props.push(0x16);
     field(&mut props, token.as_bytes());
     let mut body = vec![0x19];
-    let mut n = props.len();
-    loop {
-        let b = (n % 128) as u8;
-        n /= 128;
-        body.push(if n > 0 { b | 0x80 } else { b });
-        if n == 0 {
-            break;
-        }
-    }
+    varint(&mut body, props.len());
     body.extend_from_slice(&props);
     packet(0xf0, &body)
 }

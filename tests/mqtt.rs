@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::mqtt::packet;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -22,18 +23,7 @@ fn connect(level: u8, password: Option<&str>) -> Vec<u8> {
         body.extend_from_slice(&(f.len() as u16).to_be_bytes());
         body.extend_from_slice(f.as_bytes());
     }
-    let mut out = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let b = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { b | 0x80 } else { b });
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
+    packet(0x10, &body)
 }
 
 async fn next_binary(ws: &mut Ws) -> Vec<u8> {
@@ -196,18 +186,7 @@ fn connect_as(level: u8, client: &str, username: Option<&str>, password: Option<
         body.extend_from_slice(&(f.len() as u16).to_be_bytes());
         body.extend_from_slice(f.as_bytes());
     }
-    let mut out = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let b = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { b | 0x80 } else { b });
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    out
+    packet(0x10, &body)
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mosquitto::Mosquitto;
+use common::mqtt::packet;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -895,22 +896,7 @@ fn connect_frame(level: u8, id: &str, password: Option<&str>) -> Vec<u8> {
         body.extend_from_slice(&(f.len() as u16).to_be_bytes());
         body.extend_from_slice(f.as_bytes());
     }
-    mqtt_packet(0x10, &body)
-}
-
-fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let b = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { b | 0x80 } else { b });
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
+    packet(0x10, &body)
 }
 
 fn ws(payload: &[u8]) -> Vec<u8> {
@@ -1012,7 +998,7 @@ async fn mqtt_session(env: &Env, gw: &InProcess, subject: &str, subscribe: bool)
         body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
         body.extend_from_slice(topic.as_bytes());
         body.push(1);
-        within(s.write_all(&ws(&mqtt_packet(0x82, &body))))
+        within(s.write_all(&ws(&packet(0x82, &body))))
             .await
             .expect("subscribe");
         let suback = mqtt_read(&mut s, &mut buf, 9).await;

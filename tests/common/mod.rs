@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod mosquitto;
+pub mod mqtt;
 pub mod stores;
 
 use std::io::{BufRead, BufReader};
