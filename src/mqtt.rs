@@ -56,6 +56,22 @@ pub enum MqttError {
     Closed,
 }
 
+/// Appends `n` as an MQTT variable byte integer (the caller keeps `n` under 268,435,456).
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        // Invariant: `n % 128` fits a byte.
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 /// Bytes that end too early or break an MQTT rule, as the packet readers report them: every caller's error type
 /// takes it as its own "malformed" case.
 #[derive(Debug, Clone, Copy)]

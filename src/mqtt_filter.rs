@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::mqtt::{Malformed, Reader};
+use crate::mqtt::{put_varint, Malformed, Reader};
 use crate::mqtt_acl::SessionRules;
 
 /// Largest client packet an inspected session accepts (fixed header included): 256 KiB.
@@ -260,21 +260,6 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, FilterError> {
     Err(FilterError::Malformed(
         "remaining length longer than 4 bytes",
     ))
-}
-
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        // Invariant: `n % 128` fits a byte.
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
 }
 
 fn packet(first: u8, body: &[u8]) -> Vec<u8> {

@@ -15,7 +15,7 @@
 //! ([`crate::mqtt_acl`], [`crate::mqtt_filter`]).
 
 use crate::auth::Identity;
-use crate::mqtt::{MqttError, Reader};
+use crate::mqtt::{put_varint, MqttError, Reader};
 
 /// How the username is written (`MQTT_USERNAME_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -192,21 +192,6 @@ pub fn split_connect(packet: &[u8]) -> Result<ConnectPacket, MqttError> {
         username,
         password,
     })
-}
-
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        // Invariant: `n % 128` fits a byte.
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
 }
 
 fn put_binary(out: &mut Vec<u8>, v: &[u8]) -> Result<(), MqttError> {
