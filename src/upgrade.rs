@@ -233,9 +233,15 @@ pub fn normalize_path(path: &str) -> Result<(), UpgradeError> {
         }
     }
     let dot_segment = path.split('/').any(|seg| {
-        // A matrix parameter (`..;x`) does not stop Tomcat-style servers from reading `..`.
-        let name = seg.split(';').next().unwrap_or(seg);
-        let decoded = name.to_ascii_lowercase().replace("%2e", ".");
+        // A matrix parameter (`..;x`) does not stop Tomcat-style servers from reading `..`, nor does an encoded one
+        // (`..%3bx`) for a server that decodes before it strips parameters.
+        let lower = seg.to_ascii_lowercase();
+        let end = [lower.find(';'), lower.find("%3b")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(lower.len());
+        let decoded = lower[..end].replace("%2e", ".");
         decoded == "." || decoded == ".."
     });
     if dot_segment {
@@ -397,6 +403,9 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n
             "/%25%35%63",
             "/%25%30%30",
             "/a/%25",
+            // Found by the path fuzz target: `..;bb` once the `%3b` is decoded.
+            "/..%3bbb",
+            "/a/..%3B/b",
         ] {
             assert!(normalize_path(bad).is_err(), "{bad}");
         }
