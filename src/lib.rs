@@ -11,7 +11,8 @@
 //! - `budget`: the handshake budget per client address (a fixed table) and the message rate per session;
 //! - `refusal`: every way admission fails, answered, logged and counted in one place;
 //! - [`proxy_protocol`]: PROXY v1/v2 from trusted load balancers;
-//! - [`tls`]: PEM loading, server and client TLS, certificate reload;
+//! - [`tls`]: PEM loading, server and client TLS, certificate reload; [`tls_stream`]: the client's TLS connection
+//!   through rustls' unbuffered API (no buffer held while idle); `pool`: the per-thread I/O buffers;
 //! - [`upgrade`]: the bounded request-head reader, upgrade checks, path normalisation;
 //! - [`route`]: path prefix to upstream (`routes.yaml`);
 //! - [`auth`]: token sources, JWT verification, JWKS cache, the IdP client, Origin policy;
@@ -59,6 +60,7 @@ pub mod mqtt_identity;
 mod mqtt_relay;
 pub mod net;
 mod pending;
+mod pool;
 pub mod proxy_protocol;
 mod refusal;
 mod registry;
@@ -70,6 +72,7 @@ mod session;
 mod shutdown;
 mod store;
 pub mod tls;
+pub mod tls_stream;
 pub mod upgrade;
 pub mod upstream;
 
@@ -161,7 +164,7 @@ pub async fn run(
         (None, false) => None,
     };
     let acceptor = match &cert {
-        Some(c) => Some(tokio_rustls::TlsAcceptor::from(
+        Some(c) => Some(tls_stream::TlsAcceptor::from(
             tls::server_config(Arc::clone(c)).map_err(StartError::Tls)?,
         )),
         None => None,

@@ -20,7 +20,7 @@ pub enum Io {
     /// Plain TCP.
     Plain(TcpStream),
     /// A client's TLS connection to the gateway.
-    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    ServerTls(Box<crate::tls_stream::ServerTls>),
     /// The gateway's TLS connection to an upstream or the identity provider.
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls_stream::TlsAcceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 use crate::admin::SeenLogoutTokens;
 use crate::auth::jwt::Verifier;

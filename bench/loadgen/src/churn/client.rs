@@ -52,7 +52,7 @@ impl Session {
         let tcp = match &self.io {
             Io::Plain(t) => t,
             Io::ClientTls(t) => t.get_ref().0,
-            Io::ServerTls(t) => t.get_ref().0,
+            Io::ServerTls(t) => t.tcp(),
         };
         tcp.set_zero_linger().map_err(|e| failure("linger", e))?;
         drop(self);

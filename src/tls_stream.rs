@@ -1,0 +1,477 @@
+//! The client's TLS connection, driven through rustls' unbuffered API.
+//!
+//! rustls' buffered `ServerConnection` keeps a receive buffer of at least 4 KiB for the life of the connection,
+//! and copies every record through two more queues. Here the connection owns no buffer while it is idle:
+//! - a read borrows a pooled buffer, reads ciphertext into it, decrypts every whole record and gives the buffer
+//!   back; only a record cut by the read (its bytes, not a buffer) or plaintext the caller had no room for stays
+//!   with the connection until the next read;
+//! - a write encrypts straight into a pooled buffer and writes it; only bytes the socket would not take stay (the
+//!   caller sees them as written, and `poll_flush` waits for them).
+//!
+//! Handshake records, post-handshake messages (a client's KeyUpdate, the resumption ticket) and alerts go out the
+//! same way as application data, in order.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::{ServerConfig, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, ReadTraffic, UnbufferedStatus,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::pool::{self, BUF_SIZE};
+
+/// A server-side TLS stream over TCP.
+pub struct ServerTls {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext of a record cut by the last read (empty, without an allocation, between whole records).
+    partial: Vec<u8>,
+    /// Plaintext decrypted but not yet taken by the caller, from `plain_at`.
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// Ciphertext not yet written, `out[out_at..]`.
+    out: Option<Vec<u8>>,
+    out_at: usize,
+    out_end: usize,
+    /// The peer sent close_notify: reads end.
+    peer_closed: bool,
+    /// We queued close_notify: writes end.
+    closing: bool,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("tcp", &self.tcp)
+            .field("partial", &self.partial.len())
+            .field("plain", &(self.plain.len() - self.plain_at))
+            .field("out", &(self.out_end - self.out_at))
+            .field("peer_closed", &self.peer_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Plaintext of one decrypted run of records: into the caller's buffer while it has room, the rest kept.
+struct Sink<'a, 'b> {
+    dst: Option<&'a mut ReadBuf<'b>>,
+    plain: &'a mut Vec<u8>,
+    delivered: bool,
+}
+
+impl Sink<'_, '_> {
+    fn put(&mut self, mut bytes: &[u8]) {
+        if let Some(dst) = self.dst.as_deref_mut() {
+            let n = bytes.len().min(dst.remaining());
+            dst.put_slice(&bytes[..n]);
+            self.delivered |= n > 0;
+            bytes = &bytes[n..];
+        }
+        self.plain.extend_from_slice(bytes);
+    }
+
+    fn take_all<Data>(&mut self, mut traffic: ReadTraffic<'_, '_, Data>) -> io::Result<usize> {
+        let mut discard = 0;
+        while let Some(record) = traffic.next_record() {
+            let record = record.map_err(invalid)?;
+            discard += record.discard;
+            self.put(record.payload);
+        }
+        Ok(discard)
+    }
+}
+
+/// Appends an encoded handshake or alert record to `out`.
+fn encode_into<Data>(
+    out: &mut Vec<u8>,
+    end: &mut usize,
+    data: &mut EncodeTlsData<'_, Data>,
+) -> io::Result<()> {
+    let need = match data.encode(&mut out[*end..]) {
+        Ok(n) => {
+            *end += n;
+            return Ok(());
+        }
+        Err(EncodeError::InsufficientSize(e)) => e.required_size,
+        Err(e) => return Err(invalid(e.to_string())),
+    };
+    out.resize(*end + need, 0);
+    *end += data
+        .encode(&mut out[*end..])
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(())
+}
+
+/// What the connection asks for after the records at hand are processed.
+enum Next {
+    /// Application data may be written; whole records are all processed.
+    Traffic,
+    /// The handshake waits for more bytes from the peer.
+    Read,
+    /// Both sides sent close_notify.
+    Closed,
+}
+
+impl ServerTls {
+    /// Runs the server handshake over `tcp`. Application data that arrives with the client's last flight is kept
+    /// for the first read.
+    ///
+    /// # Errors
+    /// The peer's bytes are not an acceptable handshake, the peer closes, or the socket fails.
+    pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<ServerTls> {
+        let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
+        let mut tls = ServerTls {
+            tcp,
+            conn,
+            partial: Vec::new(),
+            plain: Vec::new(),
+            plain_at: 0,
+            out: None,
+            out_at: 0,
+            out_end: 0,
+            peer_closed: false,
+            closing: false,
+        };
+        let mut incoming = pool::take();
+        let mut used = 0;
+        let result = loop {
+            let next = match tls.process(&mut incoming, &mut used, None) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = tls.write_out().await {
+                break Err(e);
+            }
+            match next {
+                Next::Traffic if !tls.conn.is_handshaking() => break Ok(()),
+                Next::Closed => break Err(io::ErrorKind::UnexpectedEof.into()),
+                Next::Traffic | Next::Read => {}
+            }
+            if tls.peer_closed {
+                break Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if used == incoming.len() {
+                break Err(invalid("handshake message too large"));
+            }
+            match tls.tcp.read(&mut incoming[used..]).await {
+                Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => used += n,
+                Err(e) => break Err(e),
+            }
+        };
+        tls.keep_partial(&incoming[..used]);
+        pool::give(incoming);
+        result.map(|()| tls)
+    }
+
+    /// The TCP connection underneath.
+    #[must_use]
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// The negotiated protocol version, once the handshake is done.
+    #[must_use]
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.conn.protocol_version()
+    }
+
+    /// Processes the whole records in `incoming[..*used]` (removing them), delivering plaintext to `dst` and
+    /// keeping what does not fit, and queueing whatever the connection has to send in `out`.
+    fn process(
+        &mut self,
+        incoming: &mut [u8],
+        used: &mut usize,
+        dst: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<Next> {
+        let ServerTls {
+            conn,
+            plain,
+            out,
+            out_end,
+            peer_closed,
+            ..
+        } = self;
+        let mut sink = Sink {
+            dst,
+            plain,
+            delivered: false,
+        };
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                conn.process_tls_records(&mut incoming[..*used]);
+            let next = match state.map_err(invalid)? {
+                ConnectionState::ReadTraffic(traffic) => {
+                    discard += sink.take_all(traffic)?;
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    let buf = out.get_or_insert_with(pool::take);
+                    encode_into(buf, out_end, &mut data)?;
+                    None
+                }
+                // The bytes are in `out` and go before anything encoded later; the caller writes them.
+                ConnectionState::TransmitTlsData(data) => {
+                    data.done();
+                    None
+                }
+                ConnectionState::PeerClosed => {
+                    *peer_closed = true;
+                    None
+                }
+                ConnectionState::Closed => {
+                    *peer_closed = true;
+                    Some(Next::Closed)
+                }
+                ConnectionState::BlockedHandshake => Some(Next::Read),
+                ConnectionState::WriteTraffic(_) => Some(Next::Traffic),
+                // 0-RTT is never offered (no `max_early_data_size`); anything else is unknown to this version.
+                _ => return Err(invalid("unexpected TLS state")),
+            };
+            incoming.copy_within(discard..*used, 0);
+            *used -= discard;
+            if let Some(next) = next {
+                return Ok(next);
+            }
+        }
+    }
+
+    /// Keeps the bytes of a record cut by a read, in an allocation of their own size.
+    fn keep_partial(&mut self, rest: &[u8]) {
+        self.partial = rest.to_vec();
+    }
+
+    /// Writes `out` until it is empty (giving its buffer back) or the socket is full.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_at < self.out_end {
+            let Some(out) = self.out.as_ref() else { break };
+            match ready!(Pin::new(&mut self.tcp).poll_write(cx, &out[self.out_at..self.out_end])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.out_at += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        if let Some(out) = self.out.take() {
+            pool::give(out);
+        }
+        self.out_at = 0;
+        self.out_end = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    async fn write_out(&mut self) -> io::Result<()> {
+        poll_fn(|cx| self.poll_write_out(cx)).await
+    }
+
+    /// Puts the kept plaintext into `dst`; whether there was any.
+    fn take_plain(&mut self, dst: &mut ReadBuf<'_>) -> bool {
+        if self.plain_at == self.plain.len() {
+            return false;
+        }
+        let n = (self.plain.len() - self.plain_at).min(dst.remaining());
+        dst.put_slice(&self.plain[self.plain_at..self.plain_at + n]);
+        self.plain_at += n;
+        if self.plain_at == self.plain.len() {
+            self.plain = Vec::new();
+            self.plain_at = 0;
+        }
+        true
+    }
+
+    /// Encrypts up to `BUF_SIZE` bytes of `data` into `out`; how many were taken.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(BUF_SIZE);
+        let ServerTls {
+            conn,
+            partial,
+            out,
+            out_end,
+            peer_closed,
+            ..
+        } = self;
+        loop {
+            // `partial` holds no whole record (reads process them all), so nothing is discarded here.
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut partial[..]);
+            let buf = out.get_or_insert_with(pool::take);
+            match state.map_err(invalid)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    match traffic.encrypt(&data[..n], &mut buf[*out_end..]) {
+                        Ok(len) => {
+                            *out_end += len;
+                            return Ok(n);
+                        }
+                        // Handshake bytes queued before left less room than a full write needs.
+                        Err(EncryptError::InsufficientSize(e)) => {
+                            buf.resize(*out_end + e.required_size, 0);
+                        }
+                        Err(e) => return Err(invalid(e.to_string())),
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    encode_into(buf, out_end, &mut data)?;
+                }
+                ConnectionState::TransmitTlsData(data) => data.done(),
+                ConnectionState::PeerClosed => *peer_closed = true,
+                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                _ => return Err(invalid("TLS connection cannot send")),
+            }
+        }
+    }
+
+    /// Queues close_notify in `out`.
+    fn queue_close_notify(&mut self) -> io::Result<()> {
+        let ServerTls {
+            conn,
+            partial,
+            out,
+            out_end,
+            ..
+        } = self;
+        loop {
+            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut partial[..]);
+            match state.map_err(invalid)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    let buf = out.get_or_insert_with(pool::take);
+                    buf.resize(buf.len().max(*out_end + 64), 0);
+                    *out_end += traffic
+                        .queue_close_notify(&mut buf[*out_end..])
+                        .map_err(|e| invalid(e.to_string()))?;
+                    return Ok(());
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    let buf = out.get_or_insert_with(pool::take);
+                    encode_into(buf, out_end, &mut data)?;
+                }
+                ConnectionState::TransmitTlsData(data) => data.done(),
+                // Already closed both ways, or broken: nothing to send.
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+impl AsyncRead for ServerTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        dst: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.take_plain(dst) || dst.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            let mut incoming = pool::take();
+            let mut used = this.partial.len();
+            incoming[..used].copy_from_slice(&this.partial);
+            let mut rb = ReadBuf::new(&mut incoming[used..]);
+            match Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    pool::give(incoming);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    pool::give(incoming);
+                    return Poll::Pending;
+                }
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                pool::give(incoming);
+                // A peer that closes without close_notify may have been cut off: the caller decides.
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            used += n;
+            let before = dst.filled().len();
+            let processed = this.process(&mut incoming, &mut used, Some(dst));
+            this.keep_partial(&incoming[..used]);
+            pool::give(incoming);
+            processed?;
+            // A KeyUpdate answer or an alert goes out now; one the socket will not take waits for the next write.
+            if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if dst.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ServerTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_out(cx))?;
+        if this.closing {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = this.encrypt(data)?;
+        // Written now when the socket takes it; otherwise `poll_flush` waits for it.
+        if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_write_out(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.closing {
+            ready!(this.poll_write_out(cx))?;
+            this.closing = true;
+            this.queue_close_notify()?;
+        }
+        ready!(this.poll_write_out(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Handshakes with [`ServerTls::accept`], one configuration for every connection.
+#[derive(Clone)]
+pub struct TlsAcceptor(Arc<ServerConfig>);
+
+impl fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TlsAcceptor")
+    }
+}
+
+impl From<Arc<ServerConfig>> for TlsAcceptor {
+    fn from(config: Arc<ServerConfig>) -> Self {
+        TlsAcceptor(config)
+    }
+}
+
+impl TlsAcceptor {
+    /// Runs the handshake over `tcp`.
+    ///
+    /// # Errors
+    /// As [`ServerTls::accept`].
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<ServerTls> {
+        ServerTls::accept(Arc::clone(&self.0), tcp).await
+    }
+}
