@@ -475,3 +475,214 @@ impl TlsAcceptor {
         ServerTls::accept(Arc::clone(&self.0), tcp).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio_rustls::client::TlsStream;
+
+    use crate::tls;
+
+    /// A listener with the gateway's server configuration and a client configuration that trusts it, restricted to
+    /// `versions`.
+    async fn pair(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (TlsStream<TcpStream>, io::Result<ServerTls>) {
+        let (ck, pem) = tls::self_signed(&["localhost"]).expect("certificate");
+        let config = tls::server_config(tls::ReloadableCert::fixed(ck)).expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(c.expect("pem")).expect("root");
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            TlsAcceptor::from(config).accept(tcp).await
+        });
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let client = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("client handshake");
+        (client, server.await.expect("join"))
+    }
+
+    fn holds_no_buffer(s: &ServerTls) -> bool {
+        s.partial.capacity() == 0 && s.plain.capacity() == 0 && s.out.is_none()
+    }
+
+    /// Bytes that are not the same from one offset to the next, so a reordering or a lost chunk shows.
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    #[tokio::test]
+    async fn both_versions_carry_small_and_large_writes_both_ways_and_hold_no_buffer_when_idle() {
+        for versions in [
+            &[&rustls::version::TLS13][..],
+            &[&rustls::version::TLS12][..],
+        ] {
+            let (mut client, server) = pair(versions).await;
+            let mut server = server.expect("server handshake");
+            for len in [1, 100, 16_384, 16_385, 70_000, 1 << 20] {
+                let sent = pattern(len, len as u8);
+                let (to_server, to_client) = (sent.clone(), sent.clone());
+                let write = tokio::spawn(async move {
+                    client.write_all(&to_server).await.expect("client write");
+                    client.flush().await.expect("client flush");
+                    let mut back = vec![0; to_client.len()];
+                    client.read_exact(&mut back).await.expect("client read");
+                    assert!(back == to_client, "{len} bytes came back changed");
+                    client
+                });
+                let mut got = vec![0; len];
+                server.read_exact(&mut got).await.expect("server read");
+                assert!(got == sent, "{len} bytes arrived changed");
+                server.write_all(&sent).await.expect("server write");
+                server.flush().await.expect("server flush");
+                client = write.await.expect("join");
+                assert!(holds_no_buffer(&server), "after {len} bytes: {server:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_in_the_clients_first_flight_and_reads_of_one_byte_lose_nothing() {
+        let (mut client, server) = pair(&[&rustls::version::TLS13]).await;
+        let mut server = server.expect("server handshake");
+        let sent = pattern(40_000, 7);
+        client.write_all(&sent).await.expect("write");
+        client.flush().await.expect("flush");
+        let mut got = Vec::new();
+        let mut one = [0u8; 1];
+        while got.len() < sent.len() {
+            let n = server.read(&mut one).await.expect("read");
+            assert_eq!(n, 1);
+            got.push(one[0]);
+        }
+        assert!(got == sent);
+        assert!(holds_no_buffer(&server));
+    }
+
+    #[tokio::test]
+    async fn key_updates_from_the_client_keep_traffic_going_both_ways() {
+        let (mut client, server) = pair(&[&rustls::version::TLS13]).await;
+        let mut server = server.expect("server handshake");
+        for round in 0..3u8 {
+            client
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("key update");
+            client.write_all(&[round; 10]).await.expect("write");
+            client.flush().await.expect("flush");
+            let mut got = [0u8; 10];
+            server.read_exact(&mut got).await.expect("server read");
+            assert_eq!(got, [round; 10]);
+            server
+                .write_all(&[round + 100; 5])
+                .await
+                .expect("server write");
+            server.flush().await.expect("server flush");
+            let mut back = [0u8; 5];
+            client.read_exact(&mut back).await.expect("client read");
+            assert_eq!(back, [round + 100; 5]);
+        }
+    }
+
+    #[tokio::test]
+    async fn close_notify_both_ways_reads_as_end_of_stream() {
+        let (mut client, server) = pair(&[&rustls::version::TLS13]).await;
+        let mut server = server.expect("server handshake");
+        client.write_all(b"last").await.expect("write");
+        client.shutdown().await.expect("client close_notify");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("clean end");
+        assert_eq!(got, b"last");
+        server
+            .write_all(b"bye")
+            .await
+            .expect("write after the peer closed");
+        server.shutdown().await.expect("server close_notify");
+        let mut back = Vec::new();
+        client
+            .read_to_end(&mut back)
+            .await
+            .expect("client reads a clean end");
+        assert_eq!(back, b"bye");
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_without_close_notify_is_an_unexpected_eof() {
+        let (client, server) = pair(&[&rustls::version::TLS13]).await;
+        let mut server = server.expect("server handshake");
+        let mut tcp = client.into_inner().0;
+        tcp.shutdown().await.expect("FIN");
+        let mut buf = [0u8; 16];
+        let err = server.read(&mut buf).await.expect_err("cut");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_tls_fail_the_handshake_and_a_corrupted_record_fails_the_read() {
+        let (ck, _) = tls::self_signed(&["localhost"]).expect("certificate");
+        let config = tls::server_config(tls::ReloadableCert::fixed(ck)).expect("server config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let (server_tcp, _) = listener.accept().await.expect("accept");
+        let err = ServerTls::accept(config, server_tcp)
+            .await
+            .expect_err("not TLS");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+
+        let (client, server) = pair(&[&rustls::version::TLS13]).await;
+        let mut server = server.expect("server handshake");
+        let mut raw = client.into_inner().0;
+        // An application-data record whose ciphertext cannot authenticate.
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        record.extend_from_slice(&[0x5a; 0x20]);
+        raw.write_all(&record).await.expect("write");
+        let mut buf = [0u8; 16];
+        let err = server.read(&mut buf).await.expect_err("bad record");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_record_cut_by_the_read_is_kept_as_its_bytes_only() {
+        let (client, server) = pair(&[&rustls::version::TLS13]).await;
+        let mut server = server.expect("server handshake");
+        let (tcp, mut conn) = client.into_inner();
+        // Encrypt one record with the client's connection, then send it in two parts.
+        let mut record = Vec::new();
+        std::io::Write::write_all(&mut conn.writer(), b"hello").expect("plaintext");
+        conn.write_tls(&mut record).expect("record");
+        let mut tcp = tcp;
+        tcp.write_all(&record[..7]).await.expect("first part");
+        let mut buf = [0u8; 16];
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(100), server.read(&mut buf));
+        assert!(early.await.is_err(), "nothing to deliver from a cut record");
+        assert_eq!(server.partial.len(), 7);
+        assert_eq!(server.partial.capacity(), 7);
+        tcp.write_all(&record[7..]).await.expect("second part");
+        let n = server.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"hello");
+        assert!(holds_no_buffer(&server));
+    }
+}
