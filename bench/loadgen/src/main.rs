@@ -1170,6 +1170,13 @@ async fn idle(
     let (opened, errors) = open_sessions(&dialer, sessions, parallel).await;
     let open_s = started.elapsed().as_secs_f64();
     errors.report();
+    // Said as soon as the opening ends, not only in the RESULT after the hold: a script running several clients
+    // (`scripts/box.sh`) waits for this line from each, then measures while they hold.
+    eprintln!(
+        "ws-loadgen: idle: {} of {sessions} sessions open, {} errors, in {open_s:.1} s",
+        opened.len(),
+        errors.total()
+    );
     if opened.is_empty() {
         return Err("idle: no session opened".into());
     }
