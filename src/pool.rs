@@ -11,8 +11,10 @@ pub(crate) const BUF_SIZE: usize = 64 * 1024;
 /// Length of a pooled buffer: `BUF_SIZE` of plaintext plus room for the headers and tags of the records that carry
 /// it (at most 29 bytes for each of four records), so one buffer holds the ciphertext of one full write.
 pub(crate) const POOLED_LEN: usize = BUF_SIZE + 1024;
-/// Buffers kept per worker thread for reuse (about 4 MiB per thread).
-const POOL_MAX: usize = 64;
+/// Buffers kept per worker thread for reuse (about 1 MiB per thread). A poll borrows at most three at once (the
+/// relay's plaintext, the ciphertext read, the ciphertext written), and a write the socket would not take keeps
+/// one until it drains; more than this after a burst is memory an idle box would hold for nothing.
+const POOL_MAX: usize = 16;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };

@@ -168,10 +168,8 @@ pub(crate) async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guard
                 .get_or_create(&[("listener", "handshake")])
                 .inc_by(evicted as u64);
         }
-        let gw = Arc::clone(&gw);
-        tokio::spawn(async move {
-            handle(&gw, tcp, peer, guard, ticket).await;
-        });
+        // The task is `handle`'s own future: an `async move` block around it would hold the arguments twice.
+        tokio::spawn(handle(Arc::clone(&gw), tcp, peer, guard, ticket));
     }
     tracing::info!(
         event = "listener_closed",
@@ -179,17 +177,19 @@ pub(crate) async fn serve(listener: TcpListener, gw: Arc<Gateway>, guards: Guard
     );
 }
 
-/// One connection from accept to close; the handshake permit is given back when the handshake phase ends.
+/// One connection from accept to the start of its relay (a task of its own); the handshake permit is given back when
+/// the handshake phase ends.
 ///
 /// The handshake phase runs in its own boxed future, freed before the relay starts: a long-lived idle session then
 /// holds only what relaying needs, not the (much larger) state of TLS, token and upstream handshakes.
 pub(crate) async fn handle(
-    gw: &Gateway,
+    gw_owned: Arc<Gateway>,
     tcp: TcpStream,
     peer: SocketAddr,
     guard: ConnectionGuard,
     ticket: Ticket,
 ) {
+    let gw = &*gw_owned;
     gw.metrics.connections.inc();
     // A separate statement: a temporary in an `if let` scrutinee keeps its storage for the whole block, and the
     // handshake future would then be reserved in every idle session's task.
@@ -201,7 +201,9 @@ pub(crate) async fn handle(
         }
     };
     drop(ticket);
+    // The relay runs as a task of its own, and this one ends: an idle session then holds the relay's state only,
+    // not also the handshake task's arguments and select state (about 650 bytes a session).
     if let Some(session) = established {
-        crate::session::relay(gw, session, guard).await;
+        tokio::spawn(crate::session::relay(Arc::clone(&gw_owned), session, guard));
     }
 }

@@ -2,6 +2,7 @@
 //! it ends.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -29,11 +30,12 @@ enum Relay {
 /// Written as a plain function returning an `async move` block, not as an `async fn`, so the task stores each
 /// piece of state once: an `async fn` keeps its arguments and the locals moved out of them side by side, which
 /// doubled an idle session's task (2,504 bytes for this future before, measured with `size_of_val`).
-pub(crate) fn relay<'a>(
-    gw: &'a Gateway,
-    est: Established<'a>,
+pub(crate) fn relay(
+    gw_owned: Arc<Gateway>,
+    est: Established<'_>,
     guard: ConnectionGuard,
-) -> impl Future<Output = ()> + 'a {
+) -> impl Future<Output = ()> + Send + 'static {
+    let gw = &*gw_owned;
     let Established {
         client,
         upstream,
@@ -94,10 +96,11 @@ pub(crate) fn relay<'a>(
     };
     gw.metrics.active_sessions.inc();
     let info = &registration.control.info;
-    tracing::debug!(event = "session_start", peer = %info.peer, route = %route.prefix,
+    tracing::debug!(event = "session_start", peer = %info.peer, route = %info.route,
         subject = info.subject.as_deref().unwrap_or(""), token_source = source.name(), "session started");
     let started = Instant::now();
     async move {
+        let gw = &*gw_owned;
         let outcome = match &mut relay {
             Relay::Raw(session) => session.run(gw.signal.clone(), &registration.control).await,
             Relay::Mqtt(session) => {
@@ -130,7 +133,7 @@ pub(crate) fn relay<'a>(
             event = "session_end",
             peer = %info.peer,
             client_ip = %client_ip,
-            route = %route.prefix,
+            route = %info.route,
             subject = info.subject.as_deref().unwrap_or(""),
             token_source = source.name(),
             duration_ms = duration.as_millis() as u64,

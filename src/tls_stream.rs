@@ -27,6 +27,11 @@ use tokio::net::TcpStream;
 
 use crate::pool::{self, BUF_SIZE};
 
+/// Bytes read per handshake read, as rustls' buffered connection reads.
+const HANDSHAKE_READ: usize = 4096;
+/// The largest client flight buffered: a 64 KiB handshake message (rustls' own limit) and its record headers.
+const MAX_HANDSHAKE_BUFFER: usize = 0x1_0000 + 1024;
+
 /// A server-side TLS stream over TCP.
 pub struct ServerTls {
     tcp: TcpStream,
@@ -142,7 +147,9 @@ impl ServerTls {
             peer_closed: false,
             closing: false,
         };
-        let mut incoming = pool::take();
+        // Grown 4 KiB at a time as the client's flight needs, like rustls' own buffer: a handshake that stalls holds
+        // what it sent, not a pooled 64 KiB.
+        let mut incoming = Vec::new();
         let mut used = 0;
         let result = loop {
             let next = match tls.process(&mut incoming, &mut used, None) {
@@ -160,9 +167,10 @@ impl ServerTls {
             if tls.peer_closed {
                 break Err(io::ErrorKind::UnexpectedEof.into());
             }
-            if used == incoming.len() {
+            if used >= MAX_HANDSHAKE_BUFFER {
                 break Err(invalid("handshake message too large"));
             }
+            incoming.resize(MAX_HANDSHAKE_BUFFER.min(used + HANDSHAKE_READ), 0);
             match tls.tcp.read(&mut incoming[used..]).await {
                 Ok(0) => break Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => used += n,
@@ -170,7 +178,6 @@ impl ServerTls {
             }
         };
         tls.keep_partial(&incoming[..used]);
-        pool::give(incoming);
         result.map(|()| tls)
     }
 
@@ -215,8 +222,9 @@ impl ServerTls {
                     discard += sink.take_all(traffic)?;
                     None
                 }
+                // Handshake flights and post-handshake messages are small: a buffer of their size.
                 ConnectionState::EncodeTlsData(mut data) => {
-                    let buf = out.get_or_insert_with(pool::take);
+                    let buf = out.get_or_insert_with(Vec::new);
                     encode_into(buf, out_end, &mut data)?;
                     None
                 }
