@@ -72,11 +72,14 @@ stage traefik bash scripts/traefik.sh
 # stable toolchain with RUSTC_BOOTSTRAP=1).
 stage fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}" bash scripts/fuzz.sh
 [ -f scripts/e2e.sh ] && stage e2e bash scripts/e2e.sh
-[ -f scripts/bench.sh ] && stage bench-smoke env QUICK=1 bash scripts/bench.sh
+# The side-by-side smoke run, with the feature configurations (Redis, limits, several upstreams) after it.
+[ -f scripts/bench.sh ] && stage bench-smoke env QUICK=1 FEATURES=1 bash scripts/bench.sh
 # The MQTT edge in front of a real Mosquitto (raw, CONNECT rewrite, topic rules): no message lost, none misrouted.
 [ -f scripts/mqtt_bench.sh ] && stage mqtt-bench-smoke env QUICK=1 bash scripts/mqtt_bench.sh
 # 2,000 sessions through churn: open files and RSS must come back (the full run is `bash scripts/churn.sh`).
 [ -f scripts/churn.sh ] && stage churn-smoke env QUICK=1 bash scripts/churn.sh
+# 3,000 idle sessions over three gateway processes sharing the port (the full run is 50,000: `bash scripts/box.sh`).
+[ -f scripts/box.sh ] && stage box-smoke env QUICK=1 bash scripts/box.sh
 
 if [ ${#stages_failed[@]} -gt 0 ]; then
   echo "failed stages: ${stages_failed[*]}"
