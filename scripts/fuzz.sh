@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 seconds=${FUZZ_SECONDS:-60}
-targets=(request_head frame_tracker mqtt_connect mqtt_stream proxy_protocol jwt jwks oidc_discovery url path cert_validity revocation_message)
+targets=(request_head frame_tracker mqtt_connect mqtt_stream proxy_protocol jwt jwks oidc_discovery url path cert_validity revocation_message tls_stream)
 # Optimized, with debug assertions and overflow checks: an arithmetic overflow on outside bytes is a finding.
 # `dev` keeps both (it is a debug build) and builds faster. Build and run must use the same flags, or `run` rebuilds.
 case "${FUZZ_PROFILE:-release}" in

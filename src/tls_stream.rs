@@ -32,9 +32,9 @@ const HANDSHAKE_READ: usize = 4096;
 /// The largest client flight buffered: a 64 KiB handshake message (rustls' own limit) and its record headers.
 const MAX_HANDSHAKE_BUFFER: usize = 0x1_0000 + 1024;
 
-/// A server-side TLS stream over TCP.
-pub struct ServerTls {
-    tcp: TcpStream,
+/// A server-side TLS stream, over TCP unless said otherwise (the fuzz target runs it over an in-memory pipe).
+pub struct ServerTls<S = TcpStream> {
+    tcp: S,
     conn: UnbufferedServerConnection,
     /// Ciphertext of a record cut by the last read (empty, without an allocation, between whole records).
     partial: Vec<u8>,
@@ -51,7 +51,7 @@ pub struct ServerTls {
     closing: bool,
 }
 
-impl fmt::Debug for ServerTls {
+impl<S: fmt::Debug> fmt::Debug for ServerTls<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerTls")
             .field("tcp", &self.tcp)
@@ -127,13 +127,13 @@ enum Next {
     Closed,
 }
 
-impl ServerTls {
+impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
     /// Runs the server handshake over `tcp`. Application data that arrives with the client's last flight is kept
     /// for the first read.
     ///
     /// # Errors
     /// The peer's bytes are not an acceptable handshake, the peer closes, or the socket fails.
-    pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<ServerTls> {
+    pub async fn accept(config: Arc<ServerConfig>, tcp: S) -> io::Result<ServerTls<S>> {
         let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
         let mut tls = ServerTls {
             tcp,
@@ -181,9 +181,9 @@ impl ServerTls {
         result.map(|()| tls)
     }
 
-    /// The TCP connection underneath.
+    /// The connection underneath.
     #[must_use]
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn tcp(&self) -> &S {
         &self.tcp
     }
 
@@ -201,7 +201,7 @@ impl ServerTls {
         used: &mut usize,
         dst: Option<&mut ReadBuf<'_>>,
     ) -> io::Result<Next> {
-        let ServerTls {
+        let Self {
             conn,
             plain,
             out,
@@ -296,10 +296,14 @@ impl ServerTls {
         true
     }
 
-    /// Encrypts up to `BUF_SIZE` bytes of `data` into `out`; how many were taken.
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(BUF_SIZE);
-        let ServerTls {
+    /// Encrypts up to `BUF_SIZE` bytes of `data`, or a close_notify alert, into `out` after whatever handshake
+    /// messages the connection has queued; how many bytes of `data` were taken.
+    fn write_records(&mut self, what: Outgoing<'_>) -> io::Result<usize> {
+        let n = match what {
+            Outgoing::Data(data) => data.len().min(BUF_SIZE),
+            Outgoing::CloseNotify => 0,
+        };
+        let Self {
             conn,
             partial,
             out,
@@ -313,7 +317,11 @@ impl ServerTls {
             let buf = out.get_or_insert_with(pool::take);
             match state.map_err(invalid)? {
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    match traffic.encrypt(&data[..n], &mut buf[*out_end..]) {
+                    let written = match what {
+                        Outgoing::Data(data) => traffic.encrypt(&data[..n], &mut buf[*out_end..]),
+                        Outgoing::CloseNotify => traffic.queue_close_notify(&mut buf[*out_end..]),
+                    };
+                    match written {
                         Ok(len) => {
                             *out_end += len;
                             return Ok(n);
@@ -330,45 +338,23 @@ impl ServerTls {
                 }
                 ConnectionState::TransmitTlsData(data) => data.done(),
                 ConnectionState::PeerClosed => *peer_closed = true,
+                // Already closed both ways, or unable to send: no close_notify to add.
+                _ if matches!(what, Outgoing::CloseNotify) => return Ok(0),
                 ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
                 _ => return Err(invalid("TLS connection cannot send")),
             }
         }
     }
-
-    /// Queues close_notify in `out`.
-    fn queue_close_notify(&mut self) -> io::Result<()> {
-        let ServerTls {
-            conn,
-            partial,
-            out,
-            out_end,
-            ..
-        } = self;
-        loop {
-            let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut partial[..]);
-            match state.map_err(invalid)? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    let buf = out.get_or_insert_with(pool::take);
-                    buf.resize(buf.len().max(*out_end + 64), 0);
-                    *out_end += traffic
-                        .queue_close_notify(&mut buf[*out_end..])
-                        .map_err(|e| invalid(e.to_string()))?;
-                    return Ok(());
-                }
-                ConnectionState::EncodeTlsData(mut data) => {
-                    let buf = out.get_or_insert_with(pool::take);
-                    encode_into(buf, out_end, &mut data)?;
-                }
-                ConnectionState::TransmitTlsData(data) => data.done(),
-                // Already closed both ways, or broken: nothing to send.
-                _ => return Ok(()),
-            }
-        }
-    }
 }
 
-impl AsyncRead for ServerTls {
+/// What [`ServerTls::write_records`] puts in records.
+#[derive(Clone, Copy)]
+enum Outgoing<'d> {
+    Data(&'d [u8]),
+    CloseNotify,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ServerTls<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -420,7 +406,7 @@ impl AsyncRead for ServerTls {
     }
 }
 
-impl AsyncWrite for ServerTls {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ServerTls<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -434,7 +420,7 @@ impl AsyncWrite for ServerTls {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let n = this.encrypt(data)?;
+        let n = this.write_records(Outgoing::Data(data))?;
         // Written now when the socket takes it; otherwise `poll_flush` waits for it.
         if let Poll::Ready(Err(e)) = this.poll_write_out(cx) {
             return Poll::Ready(Err(e));
@@ -451,7 +437,7 @@ impl AsyncWrite for ServerTls {
         if !this.closing {
             ready!(this.poll_write_out(cx))?;
             this.closing = true;
-            this.queue_close_notify()?;
+            this.write_records(Outgoing::CloseNotify)?;
         }
         ready!(this.poll_write_out(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
