@@ -71,7 +71,6 @@ fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error 
 struct Sink<'a, 'b> {
     dst: Option<&'a mut ReadBuf<'b>>,
     plain: &'a mut Vec<u8>,
-    delivered: bool,
 }
 
 impl Sink<'_, '_> {
@@ -79,7 +78,6 @@ impl Sink<'_, '_> {
         if let Some(dst) = self.dst.as_deref_mut() {
             let n = bytes.len().min(dst.remaining());
             dst.put_slice(&bytes[..n]);
-            self.delivered |= n > 0;
             bytes = &bytes[n..];
         }
         self.plain.extend_from_slice(bytes);
@@ -209,11 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ServerTls<S> {
             peer_closed,
             ..
         } = self;
-        let mut sink = Sink {
-            dst,
-            plain,
-            delivered: false,
-        };
+        let mut sink = Sink { dst, plain };
         loop {
             let UnbufferedStatus { mut discard, state } =
                 conn.process_tls_records(&mut incoming[..*used]);
